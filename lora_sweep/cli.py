@@ -1,0 +1,134 @@
+"""Command line: `python -m lora_sweep [overrides]` runs one trial, `-m` sweeps.
+
+Before Hydra starts, the overrides are composed once more with Hydra's compose API and the
+result validated, so an unknown option, a wrong type or an impossible value fails with one
+line and exit code 2 before any run directory, model or CSV row exists.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+from pathlib import Path
+from typing import Any
+
+import hydra
+from omegaconf import DictConfig, OmegaConf
+
+from lora_sweep.config import ConfigError, RunConfig
+
+log = logging.getLogger("lora_sweep")
+
+EXIT_BAD_INPUT = 2
+EXIT_FAILED = 1
+_PACKAGE_CONF = Path(__file__).parent / "conf"  # wheel install
+_SOURCE_CONF = Path(__file__).parent.parent / "conf"  # source checkout
+
+
+def config_dir() -> Path:
+    """The packaged config tree: inside the package when installed from a wheel, else `conf/`."""
+    return _PACKAGE_CONF if (_PACKAGE_CONF / "config.yaml").is_file() else _SOURCE_CONF
+
+
+def error_line(err: BaseException) -> str:
+    """Fold a (possibly multi-line) Hydra or validation error into one readable line."""
+    parts: list[str] = []
+    options: list[str] = []
+    in_options = False
+    for raw in str(err).splitlines():
+        line = raw.strip()
+        if line.startswith(("Config search path", "full_key:", "object_type=", "Set the environment variable")):
+            break
+        if line.startswith("Available options"):
+            in_options, parts = True, parts + [line.rstrip(":")]
+            continue
+        if in_options and line:
+            options.append(line)
+        elif line:
+            parts.append(line.rstrip("."))
+    text = "; ".join(parts) if parts else type(err).__name__
+    return f"{text}: {', '.join(options)}" if options else text
+
+
+def _split_argv(argv: list[str]) -> tuple[list[str], dict[str, str], bool] | None:
+    """(overrides, {config_path, config_name, config_dir}, multirun), or None when the command
+    line carries a Hydra flag we do not pre-validate (--help, --cfg, --info, ...)."""
+    overrides: list[str] = []
+    where: dict[str, str] = {}
+    multirun = False
+    flags = {"-cp": "config_path", "--config-path": "config_path", "-cn": "config_name",
+             "--config-name": "config_name", "-cd": "config_dir", "--config-dir": "config_dir"}
+    args = iter(argv)
+    for arg in args:
+        key, _, value = arg.partition("=")
+        if arg in ("-m", "--multirun"):
+            multirun = True
+        elif key in flags:
+            where[flags[key]] = value if value else next(args, "")
+        elif arg.startswith("-"):
+            return None
+        else:
+            overrides.append(arg)
+    return overrides, where, multirun
+
+
+def preflight(argv: list[str]) -> None:
+    """Compose the config the job will see and validate it; raise ConfigError on bad input."""
+    from hydra import compose, initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    split = _split_argv(argv)
+    if split is None:
+        return
+    overrides, where, multirun = split
+    try:
+        parsed = OverridesParser.create().parse_overrides(overrides=overrides)
+    except Exception as err:  # noqa: BLE001 - Hydra raises its own OverrideParseException
+        raise ConfigError(f"bad override: {error_line(err)}") from err
+    # sweep expressions (choice, range, ...) are the sweeper's to check; compose the rest
+    fixed = [o.input_line for o in parsed if not (multirun and o.is_sweep_override()) and not o.key_or_group.startswith("hydra")]
+    conf_dir = Path(where.get("config_path", config_dir())).absolute()
+    if not conf_dir.is_dir():
+        return  # a user config dir given relative to a script; Hydra reports it
+    GlobalHydra.instance().clear()
+    try:
+        with initialize_config_dir(config_dir=str(conf_dir), version_base="1.3"):
+            cfg = compose(config_name=where.get("config_name", "config"), overrides=fixed)
+            container = OmegaConf.to_container(cfg, resolve=True)
+    except ConfigError:
+        raise
+    except Exception as err:  # noqa: BLE001 - Hydra/OmegaConf composition errors
+        raise ConfigError(error_line(err)) from err
+    finally:
+        GlobalHydra.instance().clear()
+    RunConfig.from_mapping(container)
+
+
+def _refuse(err: BaseException) -> None:
+    print(f"lora_sweep: error: {error_line(err)}", file=sys.stderr)
+    sys.exit(EXIT_BAD_INPUT)
+
+
+@hydra.main(version_base="1.3", config_path=str(config_dir()), config_name="config")
+def _hydra_app(cfg: DictConfig) -> dict[str, Any]:
+    from lora_sweep.job import run_job
+
+    return run_job(cfg)
+
+
+def main() -> None:
+    """Entry point of `lora-sweep` and `python -m lora_sweep`."""
+    from lora_sweep.model import offline_hub
+
+    argv = sys.argv[1:]
+    if argv and argv[0] == "export":
+        from lora_sweep.export_cli import main as export_main
+
+        sys.exit(export_main(argv[1:]))
+    offline_hub()
+    try:
+        preflight(argv)
+    except ConfigError as err:
+        _refuse(err)
+    _hydra_app()

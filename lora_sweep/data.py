@@ -1,0 +1,239 @@
+"""Instruction records -> token examples -> padded batches.
+
+Labels are decided by the attention mask, never by the pad id: pad is often the same id as
+EOS, and a real EOS must stay a label. A position's label is kept only when that position
+and the one before it are real tokens (with left padding the first real token would
+otherwise be "predicted" from a pad).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+log = logging.getLogger(__name__)
+
+IGNORE_INDEX = -100
+REQUIRED_FIELDS = ("instruction", "output")
+OPTIONAL_FIELDS = ("input",)
+
+# The Stanford Alpaca prompt, with and without the `input` block.
+ALPACA_PROMPT_WITH_INPUT = (
+    "Below is an instruction that describes a task, paired with an input that provides further "
+    "context. Write a response that appropriately completes the request.\n\n"
+    "### Instruction:\n{instruction}\n\n### Input:\n{input}\n\n### Response:\n"
+)
+ALPACA_PROMPT_NO_INPUT = (
+    "Below is an instruction that describes a task. Write a response that appropriately "
+    "completes the request.\n\n### Instruction:\n{instruction}\n\n### Response:\n"
+)
+# The same sections without the preamble; the embedded tiny model is fine-tuned with this.
+PLAIN_PROMPT_WITH_INPUT = "### Instruction:\n{instruction}\n\n### Input:\n{input}\n\n### Response:\n"
+PLAIN_PROMPT_NO_INPUT = "### Instruction:\n{instruction}\n\n### Response:\n"
+
+TEMPLATES = {
+    "alpaca": (ALPACA_PROMPT_WITH_INPUT, ALPACA_PROMPT_NO_INPUT),
+    "plain": (PLAIN_PROMPT_WITH_INPUT, PLAIN_PROMPT_NO_INPUT),
+}
+
+
+class DataError(ValueError):
+    """Bad training data; the message names the file, the record and the field."""
+
+
+def load_records(path: Path) -> list[dict[str, str]]:
+    """Load and validate a JSON list or a JSONL file of instruction records."""
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"data file not found: {path} (set data.path to an existing JSON or JSONL file)")
+    try:
+        text = path.read_bytes().decode("utf-8")
+    except UnicodeDecodeError as err:
+        raise DataError(f"{path} is not UTF-8 text (bad byte at offset {err.start}); re-encode it as UTF-8") from err
+    stripped = text.lstrip("\ufeff \t\r\n")
+    if not stripped:
+        raise DataError(f"{path} is empty; it must hold a JSON list of records or one JSON record per line")
+    raw = _parse_json_list(path, stripped) if stripped[0] == "[" else _parse_jsonl(path, text)
+    if not raw:
+        raise DataError(f"{path} holds no records; add at least one {{'instruction', 'input', 'output'}} record")
+    return [_validate_record(path, i, rec) for i, rec in enumerate(raw)]
+
+
+def _parse_json_list(path: Path, text: str) -> list[Any]:
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as err:
+        raise DataError(f"{path} is not valid JSON: {err.msg} at line {err.lineno} column {err.colno}") from err
+    if not isinstance(data, list):
+        raise DataError(f"{path} must hold a JSON list of records, found a {type(data).__name__}")
+    return data
+
+
+def _parse_jsonl(path: Path, text: str) -> list[Any]:
+    records = []
+    for lineno, line in enumerate(text.splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError as err:
+            raise DataError(
+                f"{path} line {lineno} is not valid JSON ({err.msg}); the file must be a JSON list "
+                "or hold one JSON record per line"
+            ) from err
+    return records
+
+
+def _validate_record(path: Path, index: int, record: Any) -> dict[str, str]:
+    where = f"{path} record {index}"
+    if not isinstance(record, Mapping):
+        raise DataError(f"{where} must be a JSON object with 'instruction' and 'output', found {type(record).__name__}")
+    for field in REQUIRED_FIELDS:
+        if field not in record:
+            raise DataError(f"{where} is missing the field '{field}' (each record needs 'instruction' and 'output')")
+    clean = {}
+    for field in REQUIRED_FIELDS + OPTIONAL_FIELDS:
+        value = record.get(field, "")
+        if value is None and field in OPTIONAL_FIELDS:
+            value = ""
+        if not isinstance(value, str):
+            raise DataError(f"{where} field '{field}' must be a string, found {type(value).__name__}")
+        clean[field] = value
+    if not clean["output"].strip():
+        raise DataError(f"{where} has an empty 'output'; there is nothing to learn from it")
+    return clean
+
+
+def format_prompt(record: Mapping[str, str], template: str) -> str:
+    """The prompt part of a record (everything before the response)."""
+    with_input, no_input = TEMPLATES[template]
+    if record.get("input", "").strip():
+        return with_input.format(instruction=record["instruction"], input=record["input"])
+    return no_input.format(instruction=record["instruction"])
+
+
+@dataclass(frozen=True)
+class Example:
+    """One tokenized record: unpadded ids and labels (IGNORE_INDEX on masked prompt tokens)."""
+
+    input_ids: tuple[int, ...]
+    labels: tuple[int, ...]
+
+
+def tokenize_records(
+    records: Sequence[Mapping[str, str]],
+    tokenizer: Any,
+    *,
+    template: str,
+    max_length: int,
+    mask_prompt: bool,
+) -> list[Example]:
+    """Tokenize prompt and response separately (so the boundary is exact), append EOS, truncate.
+
+    BOS is prepended when the tokenizer has one. Records whose labels are all masked after
+    truncation (prompt longer than max_length with mask_prompt) are dropped with a warning.
+    """
+    if tokenizer.eos_token_id is None:
+        raise DataError("the tokenizer has no EOS token; set tokenizer.eos_token in the checkpoint's tokenizer_config.json")
+    bos = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
+    examples, dropped = [], 0
+    for record in records:
+        prompt_ids = bos + tokenizer(format_prompt(record, template), add_special_tokens=False)["input_ids"]
+        response_ids = tokenizer(record["output"], add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+        input_ids = (prompt_ids + response_ids)[:max_length]
+        prompt_labels = [IGNORE_INDEX] * len(prompt_ids) if mask_prompt else prompt_ids
+        labels = (prompt_labels + response_ids)[:max_length]
+        if all(label == IGNORE_INDEX for label in labels[1:]):
+            dropped += 1
+            continue
+        examples.append(Example(input_ids=tuple(input_ids), labels=tuple(labels)))
+    if dropped:
+        log.warning("dropped %d of %d records whose response lies beyond data.max_length=%d", dropped, len(records), max_length)
+    if not examples:
+        raise DataError(
+            f"no record has a response within data.max_length={max_length} tokens; raise data.max_length "
+            "or set data.mask_prompt=false"
+        )
+    return examples
+
+
+class SanityDataset(Dataset):
+    """Tokenized examples; `__getitem__` returns unpadded 1-D tensors of length S."""
+
+    def __init__(self, examples: Sequence[Example]) -> None:
+        self.examples = list(examples)
+
+    def __len__(self) -> int:
+        return len(self.examples)
+
+    def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
+        example = self.examples[index]
+        return {
+            "input_ids": torch.tensor(example.input_ids, dtype=torch.long),
+            "labels": torch.tensor(example.labels, dtype=torch.long),
+        }
+
+
+def labels_from_mask(labels: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    """Mask labels by the attention mask: padding, and any token whose predecessor is padding.
+
+    The model predicts position i from position i-1, so a label is trainable only when both
+    are real tokens. Works for right and left padding alike.
+    """
+    real = attention_mask.bool()
+    keep = real.clone()
+    keep[:, 1:] &= real[:, :-1]
+    return labels.masked_fill(~keep, IGNORE_INDEX)
+
+
+class Collator:
+    """Pad a list of examples into a batch dict of [B, S] tensors.
+
+    `pad_to=None` pads each batch to its own longest sample; an int pads to that length
+    (parity with the original loop, which padded every sample to max_length).
+    """
+
+    def __init__(self, pad_token_id: int, *, padding_side: str = "right", pad_to: int | None = None) -> None:
+        if padding_side not in ("right", "left"):
+            raise ValueError(f"padding_side must be 'right' or 'left', got {padding_side!r}")
+        self.pad_token_id = pad_token_id
+        self.padding_side = padding_side
+        self.pad_to = pad_to
+
+    def __call__(self, items: Sequence[Mapping[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+        width = self.pad_to or max(len(item["input_ids"]) for item in items)
+        input_ids = torch.full((len(items), width), self.pad_token_id, dtype=torch.long)
+        labels = torch.full((len(items), width), IGNORE_INDEX, dtype=torch.long)
+        attention_mask = torch.zeros((len(items), width), dtype=torch.long)
+        for row, item in enumerate(items):
+            n = len(item["input_ids"])
+            span = slice(0, n) if self.padding_side == "right" else slice(width - n, width)
+            input_ids[row, span] = item["input_ids"]
+            labels[row, span] = item["labels"]
+            attention_mask[row, span] = 1
+        return {
+            "input_ids": input_ids,
+            "attention_mask": attention_mask,
+            "labels": labels_from_mask(labels, attention_mask),
+        }
+
+
+def make_dataloader(
+    dataset: SanityDataset, collator: Collator, *, batch_size: int, seed: int
+) -> DataLoader:
+    """A shuffling DataLoader whose order depends only on `seed`."""
+    generator = torch.Generator().manual_seed(seed)
+    return DataLoader(dataset, batch_size=batch_size, shuffle=True, collate_fn=collator, generator=generator)
+
+
+def infinite_batches(loader: DataLoader) -> Iterator[dict[str, torch.Tensor]]:
+    """Cycle through the loader epoch after epoch (a step-based loop needs no epoch logic)."""
+    while True:
+        yield from loader

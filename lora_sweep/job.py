@@ -1,0 +1,68 @@
+"""The Hydra job: validate the composed config, run one trial, append its CSV row.
+
+Single run: bad input prints one line and exits 2 with nothing written; a failed trial
+writes its row and exits 1. Under a sweep the job never exits the process: it returns the
+trial's row as a mapping (status, metrics, constraint) for the sweeper to record.
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+import sys
+from pathlib import Path
+from typing import Any
+
+from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
+from omegaconf import DictConfig, OmegaConf
+
+from lora_sweep.config import RunConfig
+from lora_sweep.results import append_row
+
+log = logging.getLogger("lora_sweep")
+
+
+def _is_multirun() -> bool:
+    return HydraConfig.get().mode == RunMode.MULTIRUN
+
+
+def _discard_run_dir(run_dir: Path) -> None:
+    """Remove the run directory Hydra created for a run refused as bad input (nothing of value in it)."""
+    if run_dir.is_dir() and not any(p.name in ("result.json", "steps.csv") for p in run_dir.iterdir()):
+        shutil.rmtree(run_dir, ignore_errors=True)
+
+
+def run_job(cfg: DictConfig) -> dict[str, Any]:
+    """Run one trial from a composed Hydra config and record it."""
+    from lora_sweep.cli import EXIT_BAD_INPUT, EXIT_FAILED, error_line
+    from lora_sweep.trial import INPUT_ERRORS, run_trial
+
+    multirun = _is_multirun()
+    run_dir = Path(HydraConfig.get().runtime.output_dir)
+    try:
+        run_cfg = RunConfig.from_mapping(OmegaConf.to_container(cfg, resolve=True))
+        result = run_trial(run_cfg, run_dir, config_yaml=OmegaConf.to_yaml(cfg, resolve=True))
+    except INPUT_ERRORS as err:
+        if multirun:
+            raise
+        print(f"lora_sweep: error: {error_line(err)}", file=sys.stderr)
+        _discard_run_dir(run_dir)
+        sys.exit(EXIT_BAD_INPUT)
+    row = result.csv_row(run_cfg)
+    append_row(run_cfg.csv_path, row)
+    metrics = result.metrics
+    log.info(
+        "%s: stability_index=%s quality=%s final_loss=%s in %.1f s (%.0f real tokens/s); row appended to %s",
+        result.status, _fmt(metrics.get("stability_index")), _fmt(metrics.get("quality")),
+        _fmt(metrics.get("final_loss")), result.duration_s, result.tokens_per_s, run_cfg.csv_path,
+    )
+    if result.status != "success":
+        log.warning("%s: %s", result.status, result.reason)
+    if result.status == "failed" and not multirun:
+        sys.exit(EXIT_FAILED)
+    return dict(row, constraint=metrics.get("constraint", 1.0))
+
+
+def _fmt(value: Any) -> str:
+    return f"{value:.4f}" if isinstance(value, float) else str(value)

@@ -1,0 +1,307 @@
+"""The results table (one CSV row per run) and the per-run directory writers.
+
+Many processes (sweep workers, single runs) append to one CSV, so each append holds
+an exclusive file lock and lands as a single ``O_APPEND`` write of a complete line;
+a file whose header is not ``CSV_COLUMNS`` is never touched. Files in a run
+directory are written atomically (temp file in the same directory + ``os.replace``)
+so readers never see a half-written file.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import math
+import os
+import tempfile
+from collections.abc import Iterable, Mapping, Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import numpy as np
+from filelock import FileLock
+
+if TYPE_CHECKING:
+    import pandas as pd
+
+__all__ = [
+    "COLUMN_DOCS",
+    "CSV_COLUMNS",
+    "RESULTS_FILENAME",
+    "STEP_LOG_COLUMNS",
+    "ResultsError",
+    "append_row",
+    "format_cell",
+    "read_rows",
+    "results_csv_path",
+    "write_json",
+    "write_step_log",
+    "write_text",
+]
+
+RESULTS_FILENAME = "lora_tuning_results.csv"
+LOCK_TIMEOUT_S = 60.0
+
+COLUMN_DOCS: dict[str, str] = {
+    "timestamp_utc": "UTC time the row was written, ISO 8601",
+    "run_id": "unique id of the run (also the name of its run directory)",
+    "study_name": "Optuna study name (empty for a single run)",
+    "trial_number": "Optuna trial number (empty for a single run)",
+    "state": "Optuna trial state: COMPLETE, PRUNED or FAIL (empty for a single run)",
+    "status": "run outcome: success, diverged, failed or pruned",
+    "reason": "why the run did not succeed, in one line (empty on success)",
+    "model": "model.path, or the model option name for the embedded checkpoint",
+    "data": "data.path, or the data option name for the embedded samples",
+    "lora.r": "LoRA rank",
+    "lora.alpha": "LoRA scaling numerator alpha",
+    "lora.dropout": "dropout on the LoRA input",
+    "lora.target_modules": "comma-separated module names LoRA adapts",
+    "lora.use_rslora": "rank-stabilised scaling alpha/sqrt(r) instead of alpha/r",
+    "train.lr": "peak learning rate",
+    "train.max_steps": "optimizer steps requested",
+    "train.batch_size": "sequences per optimizer step",
+    "train.seed": "random seed",
+    "train.warmup_steps": "learning-rate warm-up steps (W in the metrics)",
+    "train.lr_scheduler": "learning-rate schedule after warm-up",
+    "train.weight_decay": "AdamW weight decay",
+    "train.max_grad_norm": "gradient clipping threshold on the total norm",
+    "data.max_length": "maximum tokens per sequence",
+    "steps_completed": "optimizer steps actually run",
+    "avg_loss": "mean training loss over all steps",
+    "initial_loss": "training loss at step 1",
+    "final_loss": "mean training loss over the last 10% of steps",
+    "loss_slope": "OLS slope of ln(loss) against run fraction t/T (negative = learning)",
+    "grad_mean": "mean pre-clip grad norm after warm-up",
+    "grad_std": "population std of the pre-clip grad norm after warm-up",
+    "drawup": "max rebound of ln(loss) above its running minimum",
+    "spike_rate": "fraction of post-warm-up steps that are loss spikes (> 1.5x recent median)",
+    "grad_volatility": "std of step-to-step changes of ln(grad norm) after warm-up",
+    "stability_index": "exp(-drawup)(1-spike_rate)/(1+grad_volatility), 0 if diverged; in [0, 1]",
+    "quality": "max(0, ln(initial_loss/final_loss)) * stability_index (objective, maximize)",
+    "improvement": "1 - final_loss/initial_loss",
+    "learned": "improvement >= the minimum improvement (true/false)",
+    "divergence_step": "step at which the run was judged diverged (empty if not)",
+    "duration_s": "wall-clock seconds of the whole trial (loading, self-check, training)",
+    "tokens_per_s": "real (non-padding) tokens trained per second of the training loop",
+    "real_tokens": "non-padding tokens trained on",
+    "peak_mem_mb": "peak memory in MiB: CUDA max allocated, or the process peak RSS on the CPU",
+    "trainable_params": "number of trainable (LoRA) parameters",
+    "device": "device the run used, e.g. cuda:0 or cpu",
+    "run_dir": "path of the run's directory (config, metrics, step log)",
+}
+
+CSV_COLUMNS: tuple[str, ...] = tuple(COLUMN_DOCS)
+"""The stable results schema, in column order (the keys of ``COLUMN_DOCS``)."""
+
+STEP_LOG_COLUMNS: tuple[str, ...] = (
+    "step", "loss", "grad_norm", "lr", "tokens", "real_tokens", "elapsed_s",
+)
+"""Usual step-log columns; the header of an empty step log."""
+
+_STR_COLUMNS = frozenset({
+    "timestamp_utc", "run_id", "study_name", "state", "status", "reason", "model",
+    "data", "lora.target_modules", "train.lr_scheduler", "device", "run_dir",
+})
+_INT_COLUMNS = frozenset({
+    "trial_number", "lora.r", "train.max_steps", "train.batch_size", "train.seed",
+    "train.warmup_steps", "data.max_length", "steps_completed", "divergence_step",
+    "real_tokens", "trainable_params",
+})
+_BOOL_COLUMNS = frozenset({"lora.use_rslora", "learned"})
+
+
+class ResultsError(Exception):
+    """The results CSV cannot be appended to safely (foreign schema, bad row)."""
+
+
+def results_csv_path(results_dir: str | os.PathLike[str]) -> Path:
+    """Where the results table of ``results_dir`` lives."""
+    return Path(results_dir) / RESULTS_FILENAME
+
+
+# ---------------------------------------------------------------------- formatting
+
+
+def format_cell(value: object) -> str:
+    """Deterministic text for one cell: floats via repr (exact round trip), NaN as
+    'nan', None as '', bools as 'true'/'false', sequences comma-joined."""
+    if value is None:
+        return ""
+    if isinstance(value, (bool, np.bool_)):
+        return "true" if value else "false"
+    if isinstance(value, (int, np.integer)):
+        return str(int(value))
+    if isinstance(value, (float, np.floating)):
+        number = float(value)
+        return "nan" if math.isnan(number) else repr(number)  # repr(inf) == 'inf'
+    if isinstance(value, (str, os.PathLike)):
+        return os.fspath(value)
+    if isinstance(value, (set, frozenset)):  # no inherent order: sort for determinism
+        return ",".join(sorted(format_cell(item) for item in value))
+    if isinstance(value, Iterable) and not isinstance(value, Mapping):
+        return ",".join(format_cell(item) for item in value)
+    return str(value)
+
+
+def _csv_line(cells: Iterable[str]) -> str:
+    """One CSV record terminated by '\\n' (quoting only where needed)."""
+    buffer = io.StringIO()
+    csv.writer(buffer, lineterminator="\n").writerow(cells)
+    return buffer.getvalue()
+
+
+_HEADER_LINE = _csv_line(CSV_COLUMNS)
+
+
+# ---------------------------------------------------------------------- results CSV
+
+
+def _row_cells(row: Mapping[str, object]) -> list[str]:
+    """Cells in schema order; unknown keys are an error, missing keys are empty."""
+    unknown = [key for key in row if key not in COLUMN_DOCS]
+    if unknown:
+        raise ResultsError(
+            f"unknown result column(s) {', '.join(map(repr, unknown))}; "
+            f"allowed columns are results.CSV_COLUMNS"
+        )
+    return [_one_line(format_cell(row.get(column))) for column in CSV_COLUMNS]
+
+
+def _one_line(cell: str) -> str:
+    """Newlines become spaces so every record is one physical line: that keeps the
+    torn-write check (last byte) sound and the file friendly to line tools."""
+    return " ".join(cell.splitlines()) if ("\n" in cell or "\r" in cell) else cell
+
+
+def _check_existing(csv_path: Path) -> tuple[bool, bool]:
+    """(has_content, ends_with_newline) of the file; raises ResultsError when its
+    header is not CSV_COLUMNS."""
+    try:
+        size = csv_path.stat().st_size
+    except FileNotFoundError:
+        return False, True
+    if size == 0:
+        return False, True
+    with open(csv_path, "rb") as handle:
+        first = handle.readline()
+        handle.seek(-1, os.SEEK_END)
+        ends_with_newline = handle.read(1) == b"\n"
+    header = next(csv.reader([first.decode("utf-8", errors="replace")]), [])
+    if tuple(header) != CSV_COLUMNS:
+        raise ResultsError(
+            f"{csv_path} has a different header than this version's results schema; "
+            "move it aside or choose another results_dir"
+        )
+    return True, ends_with_newline
+
+
+def _append_bytes(csv_path: Path, payload: bytes) -> None:
+    """One O_APPEND write (looped only if the OS returns a short write), then fsync."""
+    fd = os.open(csv_path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    try:
+        written = os.write(fd, payload)
+        while written < len(payload):  # never expected for regular files
+            written += os.write(fd, payload[written:])
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def append_row(csv_path: Path, row: Mapping[str, object]) -> None:
+    """Append one run's row to the results CSV, safely across processes.
+
+    Writes the header when the file is absent or empty, refuses a file with a
+    foreign header or a row with unknown keys (ResultsError, file untouched), and
+    starts on a fresh line if a previous write was torn.
+    """
+    csv_path = Path(csv_path)
+    line = _csv_line(_row_cells(row))
+    csv_path.parent.mkdir(parents=True, exist_ok=True)
+    with FileLock(str(csv_path) + ".lock", timeout=LOCK_TIMEOUT_S):
+        has_content, ends_with_newline = _check_existing(csv_path)
+        prefix = "" if ends_with_newline else "\n"
+        payload = (prefix + line) if has_content else (_HEADER_LINE + line)
+        _append_bytes(csv_path, payload.encode("utf-8"))
+
+
+def read_rows(csv_path: str | os.PathLike[str]) -> pd.DataFrame:
+    """The results CSV as a DataFrame: text columns keep '' for empty cells, integer
+    columns are nullable Int64, flags nullable boolean, everything else float64
+    (parsed exactly, so values round-trip)."""
+    import pandas as pd
+
+    with open(csv_path, newline="", encoding="utf-8") as handle:
+        header = next(csv.reader(handle), [])
+    dtypes: dict[str, str] = {}
+    na_values: dict[str, list[str]] = {}
+    for column in header:
+        if column in _STR_COLUMNS or column not in COLUMN_DOCS:
+            dtypes[column] = "str"
+        else:
+            dtypes[column] = (
+                "Int64" if column in _INT_COLUMNS
+                else "boolean" if column in _BOOL_COLUMNS
+                else "float64"
+            )
+            na_values[column] = ["", "nan", "NaN"]
+    # pandas 3 parses floats exactly by default (and deprecates the option); 2.x needs it.
+    exact = {"float_precision": "round_trip"} if int(pd.__version__.split(".")[0]) < 3 else {}
+    return pd.read_csv(
+        csv_path, dtype=dtypes, keep_default_na=False, na_values=na_values, **exact
+    )
+
+
+# ------------------------------------------------------------- run-directory files
+
+
+def _atomic_write(path: str | os.PathLike[str], data: str) -> None:
+    """Write to a temp file beside ``path``, fsync, then os.replace: all or nothing."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8", newline="") as handle:
+            handle.write(data)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def _json_default(value: object) -> object:
+    """numpy scalars/arrays and paths, which json cannot encode by itself."""
+    if isinstance(value, np.generic):
+        return value.item()
+    if isinstance(value, np.ndarray):
+        return value.tolist()
+    if isinstance(value, os.PathLike):
+        return os.fspath(value)
+    raise TypeError(f"cannot write {type(value).__name__} to JSON")
+
+
+def write_json(path: str | os.PathLike[str], obj: object) -> None:
+    """Atomically write ``obj`` as indented JSON (NaN/Infinity as Python's json does)."""
+    _atomic_write(path, json.dumps(obj, indent=2, default=_json_default) + "\n")
+
+
+def write_text(path: str | os.PathLike[str], text: str) -> None:
+    """Atomically write ``text``."""
+    _atomic_write(path, text)
+
+
+def write_step_log(path: str | os.PathLike[str], rows: Sequence[Mapping[str, float]]) -> None:
+    """Atomically write the per-step log as CSV.
+
+    Columns follow the first row's key order (any keys first seen later are
+    appended; missing cells are empty); an empty log gets the STEP_LOG_COLUMNS
+    header only.
+    """
+    columns: list[str] = list(rows[0]) if rows else list(STEP_LOG_COLUMNS)
+    for row in rows[1:]:
+        columns.extend(key for key in row if key not in columns)
+    lines = [_csv_line(columns)]
+    lines.extend(_csv_line(format_cell(row.get(key)) for key in columns) for row in rows)
+    _atomic_write(path, "".join(lines))

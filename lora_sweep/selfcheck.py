@@ -1,0 +1,158 @@
+"""Start-up self-check on one probe batch, before the first optimizer step.
+
+Each check guards a bug that trains silently wrong rather than crashing: a broken GQA
+key/value expansion (eager and SDPA logits disagree), a misread padding mask (a padded row
+differs from itself unpadded), padding trained on (labels on pad positions), frozen base
+weights not frozen, a dead adapter (zero lora_B gradients), an implausible initial loss.
+It runs under a forked RNG, so a trial's results do not depend on whether it ran.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from lora_sweep.data import IGNORE_INDEX
+from lora_sweep.model import ModelError, verify_kv_expansion
+
+
+class SelfCheckError(RuntimeError):
+    """A self-check failed; `check` names it."""
+
+    def __init__(self, check: str, detail: str) -> None:
+        super().__init__(f"self-check '{check}' failed: {detail}")
+        self.check = check
+
+
+@dataclass
+class SelfCheckReport:
+    """What each check found (check name -> one-line detail) and how long it took."""
+
+    details: dict[str, str] = field(default_factory=dict)
+    seconds: float = 0.0
+
+
+def _logit_tolerance(logits: torch.Tensor) -> float:
+    scale = max(1.0, float(logits.abs().max()))
+    return (2e-3 if logits.dtype == torch.float32 else 1e-1) * scale
+
+
+def check_labels_ignore_padding(batch: Mapping[str, torch.Tensor]) -> str:
+    mask, labels = batch["attention_mask"], batch["labels"]
+    n_pad = int((mask == 0).sum())
+    leaked = int((labels[mask == 0] != IGNORE_INDEX).sum())
+    if leaked:
+        raise SelfCheckError(
+            "labels_ignore_padding",
+            f"{leaked} of {n_pad} padding positions carry a label (labels must be -100 where attention_mask == 0)",
+        )
+    return f"{n_pad} padding positions, none labelled"
+
+
+def check_only_lora_trainable(model: nn.Module) -> str:
+    trainable = [name for name, p in model.named_parameters() if p.requires_grad]
+    stray = [name for name in trainable if "lora_" not in name]
+    if stray or not trainable:
+        detail = f"non-LoRA parameters are trainable: {stray[:3]}" if stray else "no trainable LoRA parameters"
+        raise SelfCheckError("only_lora_trainable", detail)
+    return f"{len(trainable)} LoRA tensors trainable, base frozen"
+
+
+def _logits(model: nn.Module, batch: Mapping[str, torch.Tensor]) -> torch.Tensor:
+    return model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits.float()
+
+
+def check_eager_matches_sdpa(model: nn.Module, batch: Mapping[str, torch.Tensor]) -> str:
+    base = model.get_base_model()
+    configured = base.config._attn_implementation
+    real = batch["attention_mask"].bool()
+    try:
+        base.set_attn_implementation("sdpa")
+        sdpa = _logits(model, batch)[real]
+        base.set_attn_implementation("eager")
+        eager = _logits(model, batch)[real]
+    finally:
+        base.set_attn_implementation(configured)
+    diff = float((sdpa - eager).abs().max())
+    tol = _logit_tolerance(sdpa)
+    if not diff <= tol:
+        raise SelfCheckError(
+            "eager_matches_sdpa",
+            f"eager and SDPA logits differ by {diff:.3g} on real tokens (tolerance {tol:.2g}); "
+            "the key/value head expansion (repeat_kv) or the mask handling is broken",
+        )
+    return f"max |eager - sdpa| = {diff:.2g} on {int(real.sum())} real tokens"
+
+
+def check_padding_invariance(model: nn.Module, batch: Mapping[str, torch.Tensor]) -> str:
+    mask = batch["attention_mask"]
+    lengths = mask.sum(dim=1)
+    row = int(torch.argmin(lengths))
+    n_pad = int(mask.shape[1] - lengths[row])
+    real = mask[row].bool()
+    padded = _logits(model, batch)[row][real]
+    alone = {"input_ids": batch["input_ids"][row][real][None], "attention_mask": mask[row][real][None]}
+    unpadded = _logits(model, alone)[0]
+    diff = float((padded - unpadded).abs().max())
+    tol = _logit_tolerance(unpadded)
+    if not diff <= tol:
+        raise SelfCheckError(
+            "padding_invariance",
+            f"the most padded row ({n_pad} pads) differs from itself unpadded by {diff:.3g} (tolerance {tol:.2g}); "
+            "the attention mask is misread",
+        )
+    return f"row with {n_pad} pads equals itself unpadded (max diff {diff:.2g})"
+
+
+def check_first_backward(model: nn.Module, batch: Mapping[str, torch.Tensor], vocab_size: int) -> str:
+    loss = model(**batch).loss
+    value = float(loss.detach())
+    upper = 2.0 * math.log(vocab_size) + 1.0
+    if not math.isfinite(value) or not 1e-3 < value < upper:
+        raise SelfCheckError(
+            "initial_loss",
+            f"initial loss {value:.4g} is not plausible (expected finite, between 0.001 and {upper:.3g} = 2 ln|V| + 1)",
+        )
+    loss.backward()
+    grads = [p.grad for name, p in model.named_parameters() if "lora_B" in name and p.grad is not None]
+    try:
+        if not grads:
+            raise SelfCheckError("lora_b_gradients", "no lora_B parameter received a gradient")
+        norm = float(torch.linalg.vector_norm(torch.stack([g.float().norm() for g in grads])))
+        if not math.isfinite(norm) or norm == 0.0:
+            raise SelfCheckError("lora_b_gradients", f"lora_B gradient norm is {norm} after the first backward")
+    finally:
+        model.zero_grad(set_to_none=True)
+    return f"initial loss {value:.4f} (ln|V| = {math.log(vocab_size):.3f}); lora_B grad norm {norm:.3g}"
+
+
+def run_self_check(model: nn.Module, batch: Mapping[str, torch.Tensor], *, vocab_size: int) -> SelfCheckReport:
+    """Run every check on the peft-wrapped `model` with a padded probe `batch` already on its device.
+
+    Raises `SelfCheckError` naming the first failed check.
+    """
+    start = time.perf_counter()
+    report = SelfCheckReport()
+    was_training = model.training
+    devices = [batch["input_ids"].device] if batch["input_ids"].is_cuda else []
+    with torch.random.fork_rng(devices=devices):
+        report.details["labels_ignore_padding"] = check_labels_ignore_padding(batch)
+        report.details["only_lora_trainable"] = check_only_lora_trainable(model)
+        try:
+            report.details["kv_expansion"] = verify_kv_expansion(model.get_base_model())
+        except ModelError as err:
+            raise SelfCheckError("kv_expansion", str(err)) from err
+        model.eval()
+        with torch.no_grad():
+            report.details["eager_matches_sdpa"] = check_eager_matches_sdpa(model, batch)
+            report.details["padding_invariance"] = check_padding_invariance(model, batch)
+        model.train()
+        report.details["first_backward"] = check_first_backward(model, batch, vocab_size)
+    model.train(was_training)
+    report.seconds = time.perf_counter() - start
+    return report

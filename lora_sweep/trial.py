@@ -1,0 +1,232 @@
+"""One trial: prepare data and model, self-check, train, measure. Returns a result with a status.
+
+A bad input (config, data, checkpoint, LoRA targets) raises `InputError` before anything is
+trained, so the caller can refuse it without writing a row. Anything that goes wrong after
+that (a failed self-check, an exception, out of memory) ends the trial with status `failed`
+and a reason instead of crashing; divergence ends it `diverged`, a pruning request `pruned`.
+"""
+
+from __future__ import annotations
+
+import logging
+import resource
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from lora_sweep import data as data_lib
+from lora_sweep.config import ConfigError, RunConfig
+from lora_sweep.lora import LoraTargetError, apply_lora, count_parameters
+from lora_sweep.metrics import compute_metrics
+from lora_sweep.model import ModelError, load_model, load_tokenizer, resolve_device, resolve_model_dir
+from lora_sweep.results import write_json, write_step_log
+from lora_sweep.selfcheck import run_self_check
+from lora_sweep.train import LoopResult, StepHook, train_loop
+
+log = logging.getLogger(__name__)
+
+STATUSES = ("success", "diverged", "failed", "pruned")
+# Bad input: refused before training, no row written.
+INPUT_ERRORS = (ConfigError, data_lib.DataError, ModelError, LoraTargetError)
+
+
+@dataclass
+class Prepared:
+    """What a trial trains on: the adapted model, its batches and a probe batch."""
+
+    model: torch.nn.Module
+    loader: torch.utils.data.DataLoader
+    probe: dict[str, torch.Tensor]
+    vocab_size: int
+    trainable_params: int
+    device: torch.device
+
+
+@dataclass
+class TrialResult:
+    """The outcome of one trial; `metrics` is empty when it failed before training."""
+
+    status: str
+    reason: str
+    run_id: str
+    run_dir: Path
+    metrics: dict[str, Any] = field(default_factory=dict)
+    steps_completed: int = 0
+    duration_s: float = 0.0
+    tokens_per_s: float = 0.0
+    real_tokens: int = 0
+    peak_mem_mb: float = 0.0
+    trainable_params: int = 0
+    device: str = ""
+    self_check: dict[str, str] = field(default_factory=dict)
+    timestamp_utc: str = field(default_factory=lambda: datetime.now(timezone.utc).isoformat(timespec="seconds"))
+
+    def csv_row(self, cfg: RunConfig, *, study_name: str = "", trial_number: int | None = None, state: str = "") -> dict[str, Any]:
+        """One row of the results CSV (schema: `lora_sweep.results.CSV_COLUMNS`)."""
+        metric_keys = ("avg_loss", "initial_loss", "final_loss", "loss_slope", "grad_mean", "grad_std", "drawup",
+                       "spike_rate", "grad_volatility", "stability_index", "quality", "improvement", "learned",
+                       "divergence_step")
+        row: dict[str, Any] = {
+            "timestamp_utc": self.timestamp_utc,
+            "run_id": self.run_id,
+            "study_name": study_name,
+            "trial_number": trial_number,
+            "state": state,
+            "status": self.status,
+            "reason": self.reason,
+            "model": cfg.model.path or cfg.model.name,
+            "data": cfg.data.path or cfg.data.name,
+            "lora.r": cfg.lora.r,
+            "lora.alpha": cfg.lora.alpha,
+            "lora.dropout": cfg.lora.dropout,
+            "lora.target_modules": cfg.lora.targets_label,
+            "lora.use_rslora": cfg.lora.use_rslora,
+            "train.lr": cfg.train.lr,
+            "train.max_steps": cfg.train.max_steps,
+            "train.batch_size": cfg.train.batch_size,
+            "train.seed": cfg.train.seed,
+            "train.warmup_steps": cfg.train.warmup_steps,
+            "train.lr_scheduler": cfg.train.lr_scheduler,
+            "train.weight_decay": cfg.train.weight_decay,
+            "train.max_grad_norm": cfg.train.max_grad_norm,
+            "data.max_length": cfg.data.max_length,
+            "steps_completed": self.steps_completed,
+            "duration_s": round(self.duration_s, 3),
+            "tokens_per_s": round(self.tokens_per_s, 1),
+            "real_tokens": self.real_tokens,
+            "peak_mem_mb": round(self.peak_mem_mb, 1),
+            "trainable_params": self.trainable_params,
+            "device": self.device,
+            "run_dir": str(self.run_dir),
+        }
+        row.update({key: self.metrics.get(key) for key in metric_keys})
+        return row
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "status": self.status, "reason": self.reason, "run_id": self.run_id, "run_dir": str(self.run_dir),
+            "metrics": self.metrics, "steps_completed": self.steps_completed, "duration_s": self.duration_s,
+            "tokens_per_s": self.tokens_per_s, "real_tokens": self.real_tokens, "peak_mem_mb": self.peak_mem_mb,
+            "trainable_params": self.trainable_params, "device": self.device, "self_check": self.self_check,
+            "timestamp_utc": self.timestamp_utc,
+        }
+
+
+def seed_everything(seed: int) -> None:
+    """Seed Python, NumPy and torch (all devices) so a trial is reproducible on one machine."""
+    from transformers import set_seed
+
+    set_seed(seed)
+
+
+def probe_indices(examples: Sequence[data_lib.Example], batch_size: int) -> list[int]:
+    """The longest and the shortest example plus the first others: a probe batch with padding."""
+    lengths = [len(e.input_ids) for e in examples]
+    chosen = [max(range(len(lengths)), key=lengths.__getitem__), min(range(len(lengths)), key=lengths.__getitem__)]
+    chosen = list(dict.fromkeys(chosen))
+    chosen += [i for i in range(len(examples)) if i not in chosen][: max(0, batch_size - len(chosen))]
+    return chosen
+
+
+def prepare(cfg: RunConfig) -> Prepared:
+    """Load and validate everything the trial needs. Raises one of `INPUT_ERRORS` on bad input."""
+    # data first: it is the cheapest to validate
+    from lora_sweep.embedded import SANITY_SAMPLES_PATH
+
+    records = data_lib.load_records(Path(cfg.data.path) if cfg.data.path else SANITY_SAMPLES_PATH)
+    model_dir = resolve_model_dir(cfg.model)
+    device = resolve_device(cfg.train.device)
+    tokenizer = load_tokenizer(model_dir, cfg.model)
+    examples = data_lib.tokenize_records(
+        records, tokenizer, template=cfg.data.template, max_length=cfg.data.max_length, mask_prompt=cfg.data.mask_prompt
+    )
+    collator = data_lib.Collator(
+        tokenizer.pad_token_id,
+        padding_side=tokenizer.padding_side,
+        pad_to=cfg.data.max_length if cfg.data.padding == "max_length" else None,
+    )
+    dataset = data_lib.SanityDataset(examples)
+    probe = collator([dataset[i] for i in probe_indices(examples, cfg.train.batch_size)])
+
+    # model: seeded before the adapter is created, so LoRA A's init is reproducible
+    seed_everything(cfg.train.seed)
+    model = apply_lora(load_model(model_dir, cfg.model, device), cfg.lora)
+    trainable, _ = count_parameters(model)
+    loader = data_lib.make_dataloader(dataset, collator, batch_size=cfg.train.batch_size, seed=cfg.train.seed)
+    return Prepared(
+        model=model,
+        loader=loader,
+        probe={k: v.to(device) for k, v in probe.items()},
+        vocab_size=int(model.get_base_model().config.vocab_size),
+        trainable_params=trainable,
+        device=device,
+    )
+
+
+def _peak_memory_mb(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # process peak RSS (Linux: KiB)
+
+
+def _status(loop: LoopResult, metrics: Mapping[str, Any]) -> tuple[str, str]:
+    if loop.pruned:
+        return "pruned", loop.stop_reason
+    if loop.stop_reason:
+        return "diverged", loop.stop_reason
+    if metrics.get("diverged"):
+        return "diverged", str(metrics.get("divergence_reason", ""))
+    return "success", ""
+
+
+def run_trial(cfg: RunConfig, run_dir: Path, *, on_step: StepHook | None = None, config_yaml: str | None = None) -> TrialResult:
+    """Run one trial and write its run directory (config, per-step log, result JSON).
+
+    Raises one of `INPUT_ERRORS` on bad input (nothing written); every later problem becomes
+    a `failed` result.
+    """
+    start = time.perf_counter()
+    run_dir = Path(run_dir).absolute()
+    result = TrialResult(status="failed", reason="", run_id=run_dir.name, run_dir=run_dir)
+    prepared = prepare(cfg)
+    result.device, result.trainable_params = str(prepared.device), prepared.trainable_params
+    if prepared.device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(prepared.device)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    if config_yaml is not None:
+        (run_dir / "config.yaml").write_text(config_yaml)
+    loop = LoopResult(steps=[])
+    try:
+        if cfg.model.self_check:
+            report = run_self_check(prepared.model, prepared.probe, vocab_size=prepared.vocab_size)
+            result.self_check = dict(report.details, seconds=f"{report.seconds:.3f}")
+            log.info("self-check passed in %.2f s: %s", report.seconds, "; ".join(report.details.values()))
+        loop = train_loop(prepared.model, data_lib.infinite_batches(prepared.loader), cfg.train, prepared.device, on_step=on_step)
+        metrics = compute_metrics(
+            [s.loss for s in loop.steps],
+            [s.grad_norm for s in loop.steps],
+            warmup_steps=cfg.train.warmup_steps,
+            vocab_size=prepared.vocab_size,
+            min_improvement=cfg.train.min_improvement,
+        ).to_dict()
+        result.metrics = metrics
+        result.status, result.reason = _status(loop, metrics)
+    except Exception as err:  # noqa: BLE001 - a trial reports failure instead of crashing the sweep
+        oom = isinstance(err, torch.OutOfMemoryError) or "out of memory" in str(err).lower()
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        result.status = "failed"
+        result.reason = f"out of memory: {first}" if oom else f"{type(err).__name__}: {first}"
+        log.error("trial failed: %s", result.reason)
+    result.steps_completed = len(loop.steps)
+    result.real_tokens = sum(s.real_tokens for s in loop.steps)
+    result.tokens_per_s = result.real_tokens / loop.train_seconds if loop.train_seconds > 0 else 0.0
+    result.peak_mem_mb = _peak_memory_mb(prepared.device)
+    result.duration_s = time.perf_counter() - start
+    write_step_log(run_dir / "steps.csv", [s.to_dict() for s in loop.steps])
+    write_json(run_dir / "result.json", result.to_json())
+    return result

@@ -1,0 +1,96 @@
+"""Shared fixtures: the real config composed with tiny overrides, and tiny checkpoints."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+import torch
+from hydra import compose, initialize_config_dir
+from hydra.core.global_hydra import GlobalHydra
+from omegaconf import DictConfig
+
+from lora_sweep.cli import config_dir
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED_DATA = REPO.parent / "shared" / "data" / "alpaca_seed_tasks.json"
+
+# Small enough for 2 CPU cores: a few steps, short sequences, small batches.
+TINY = ["train.max_steps=6", "train.warmup_steps=1", "train.batch_size=4", "data.max_length=64", "train.log_every=3"]
+
+
+@pytest.fixture
+def compose_cfg() -> Iterator[Callable[..., DictConfig]]:
+    """Compose the project's real config with overrides; clears GlobalHydra afterwards."""
+
+    def _compose(*overrides: str) -> DictConfig:
+        GlobalHydra.instance().clear()
+        with initialize_config_dir(config_dir=str(config_dir()), version_base="1.3"):
+            return compose(config_name="config", overrides=list(overrides))
+
+    yield _compose
+    GlobalHydra.instance().clear()
+
+
+def _train_tokenizer(texts: list[str], out: Path) -> None:
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=384, special_tokens=["<s>", "</s>", "<pad>"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
+    )
+    tok.train_from_iterator(texts, trainer=trainer)
+    PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>").save_pretrained(out)
+
+
+@pytest.fixture(scope="session")
+def tiny_ckpt(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A random-init Llama with GQA (4 query heads, 2 KV heads) and its own BPE tokenizer,
+    saved with save_pretrained: the same path a user's local checkpoint takes."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from lora_sweep.embedded import SANITY_SAMPLES_PATH
+
+    out = tmp_path_factory.mktemp("tiny_ckpt")
+    records = json.loads(SANITY_SAMPLES_PATH.read_text())
+    _train_tokenizer([r["instruction"] + " " + r["input"] + " " + r["output"] for r in records], out)
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        vocab_size=384, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=256, bos_token_id=0, eos_token_id=1, pad_token_id=2,
+    )
+    LlamaForCausalLM(config).save_pretrained(out)
+    return out
+
+
+@pytest.fixture(scope="session")
+def nan_ckpt(tiny_ckpt: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The tiny checkpoint with NaN embeddings: loads fine, then fails the self-check."""
+    import shutil
+
+    from transformers import AutoModelForCausalLM
+
+    out = tmp_path_factory.mktemp("nan_ckpt")
+    for name in os.listdir(tiny_ckpt):
+        shutil.copy(tiny_ckpt / name, out / name)
+    model = AutoModelForCausalLM.from_pretrained(tiny_ckpt)
+    with torch.no_grad():
+        model.get_input_embeddings().weight.fill_(float("nan"))
+    model.save_pretrained(out)
+    return out
+
+
+def run_cli(*args: str, cwd: Path | None = None, timeout: float = 300) -> subprocess.CompletedProcess[str]:
+    """Run `python -m lora_sweep ARGS` in a subprocess, as a user would."""
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    return subprocess.run(
+        [sys.executable, "-m", "lora_sweep", *args], capture_output=True, text=True, cwd=cwd or REPO, env=env, timeout=timeout
+    )

@@ -1,0 +1,95 @@
+"""Every config option composes; bad values fail validation with one line naming the key."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from omegaconf import OmegaConf
+
+from lora_sweep.cli import config_dir, error_line, preflight
+from lora_sweep.config import ConfigError, RunConfig
+
+GROUPS = ("model", "data", "lora", "train")
+REQUIRED_KEYS = ["lora.r", "lora.alpha", "lora.dropout", "lora.target_modules", "lora.use_rslora", "train.lr",
+                 "train.max_steps", "train.batch_size", "train.seed", "data.max_length"]
+
+
+def _options(group: str) -> list[str]:
+    return sorted(p.stem for p in (config_dir() / group).glob("*.yaml"))
+
+
+@pytest.mark.parametrize("group,option", [(g, o) for g in GROUPS for o in _options(g)])
+def test_every_option_composes_and_validates(compose_cfg, group: str, option: str) -> None:
+    extra = {"model/local": ["model.path=/some/ckpt"], "data/alpaca": ["data.path=/some/data.json"]}
+    cfg = compose_cfg(f"{group}={option}", *extra.get(f"{group}/{option}", []))
+    run_cfg = RunConfig.from_mapping(OmegaConf.to_container(cfg, resolve=True))
+    assert run_cfg.results_dir == Path("results").absolute()
+
+
+def test_group_options_exist() -> None:
+    assert {"tiny_llama", "local"} <= set(_options("model"))
+    assert {"sanity", "alpaca"} <= set(_options("data"))
+    assert {"qv", "all_linear"} <= set(_options("lora"))
+    assert "default" in _options("train")
+
+
+def test_required_keys_exist(compose_cfg) -> None:
+    cfg = compose_cfg()
+    for key in REQUIRED_KEYS:
+        assert OmegaConf.select(cfg, key) is not None, key
+    assert cfg.results_dir == "results"
+    assert list(cfg.lora.target_modules) == ["q_proj", "v_proj"]
+
+
+BAD = [
+    (["lora.r=0"], "lora.r must be an integer >= 1"),
+    (["lora.r=2.5"], "lora.r must be an integer >= 1"),
+    (["train.lr=-1"], "train.lr must be a number > 0"),
+    (["train.lr=0"], "train.lr must be a number > 0"),
+    (["train.lr=abc"], "train.lr must be a number"),
+    (["data.max_length=4"], "data.max_length must be an integer >= 8"),
+    (["lora.dropout=1.5"], "lora.dropout must be a number"),
+    (["train.warmup_steps=60", "train.max_steps=60"], "train.warmup_steps (60) must be smaller"),
+    (["train.lr_scheduler=step"], "train.lr_scheduler must be one of cosine, linear, constant"),
+    (["model.attn_implementation=flash"], "model.attn_implementation must be one of sdpa, eager"),
+    (["lora.target_modules=[]"], "lora.target_modules must be a non-empty list"),
+    (["model=local"], "model.path is required"),
+    (["data=alpaca"], "data.path is required"),
+    (["+lora.rank=3"], "unknown key lora.rank"),
+]
+
+
+@pytest.mark.parametrize("overrides,message", BAD)
+def test_bad_values_rejected_with_one_line(compose_cfg, overrides: list[str], message: str) -> None:
+    cfg = compose_cfg(*overrides)
+    with pytest.raises(ConfigError) as info:
+        RunConfig.from_mapping(OmegaConf.to_container(cfg, resolve=True))
+    assert message in str(info.value)
+    assert "\n" not in str(info.value)
+
+
+@pytest.mark.parametrize(
+    "argv,message",
+    [
+        (["lora=foo"], "Could not find 'lora/foo'; Available options in 'lora': all_linear, qv"),
+        (["lora.rank=3"], "Could not override 'lora.rank'"),
+        (["lora.r=choice(1,2"], "bad override"),
+        (["train.lr=-1"], "train.lr must be a number > 0"),
+        (["-m", "lora.r=0", "train.lr=tag(log, interval(1e-4, 1e-2))"], "lora.r must be an integer >= 1"),
+    ],
+)
+def test_preflight_reports_hydra_and_validation_errors_in_one_line(argv: list[str], message: str) -> None:
+    with pytest.raises(ConfigError) as info:
+        preflight(argv)
+    line = error_line(info.value)
+    assert message in line
+    assert "\n" not in line
+
+
+def test_preflight_leaves_sweep_expressions_to_the_sweeper() -> None:
+    preflight(["-m", "lora.r=choice(4,8)", "train.lr=tag(log, interval(1e-4, 1e-2))"])  # no error
+
+
+def test_preflight_skips_help_and_info_flags() -> None:
+    preflight(["--cfg", "job", "lora.r=0"])  # Hydra handles these flags itself
