@@ -15,7 +15,7 @@ $(BIN)/python:
 
 $(VENV)/.installed: pyproject.toml | $(BIN)/python
 	$(BIN)/python -m pip install --quiet "$(TORCH)"
-	$(BIN)/python -m pip install --quiet -e ".[dev,dashboard]"
+	$(BIN)/python -m pip install --quiet -e ".[dev,dashboard]" --config-settings editable_mode=compat
 	touch $@
 
 setup: $(VENV)/.installed

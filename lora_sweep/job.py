@@ -1,8 +1,10 @@
 """The Hydra job: validate the composed config, run one trial, append its CSV row.
 
 Single run: bad input prints one line and exits 2 with nothing written; a failed trial
-writes its row and exits 1. Under a sweep the job never exits the process: it returns the
-trial's row as a mapping (status, metrics, constraint) for the sweeper to record.
+writes its row and exits 1. Under a sweep the job never exits the process: it reports the
+objective computed on the steps so far as the trial's intermediate value after every step
+(so the pruner reads it in the study's own direction), stops when the pruner says so, and
+returns the trial's row as a mapping (status, metrics, constraint) for the sweeper to record.
 """
 
 from __future__ import annotations
@@ -18,7 +20,9 @@ from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
 from lora_sweep.config import RunConfig
+from lora_sweep.metrics import compute_metrics
 from lora_sweep.results import append_row
+from lora_sweep.train import StepHook, StepRecord
 
 log = logging.getLogger("lora_sweep")
 
@@ -40,16 +44,23 @@ def run_job(cfg: DictConfig) -> dict[str, Any]:
 
     multirun = _is_multirun()
     run_dir = Path(HydraConfig.get().runtime.output_dir)
+    context = _trial_context() if multirun else None
+    sweep_fields: dict[str, Any] = {}
+    if context is not None:
+        sweep_fields = {"study_name": context.study_name, "trial_number": context.trial_number}
     try:
         run_cfg = RunConfig.from_mapping(OmegaConf.to_container(cfg, resolve=True))
-        result = run_trial(run_cfg, run_dir, config_yaml=OmegaConf.to_yaml(cfg, resolve=True))
+        on_step = _pruning_hook(context, run_cfg) if context is not None else None
+        result = run_trial(run_cfg, run_dir, on_step=on_step, config_yaml=OmegaConf.to_yaml(cfg, resolve=True))
     except INPUT_ERRORS as err:
         if multirun:
-            raise
+            raise  # the sweeper records the trial FAIL with this reason
         print(f"lora_sweep: error: {error_line(err)}", file=sys.stderr)
         _discard_run_dir(run_dir)
         sys.exit(EXIT_BAD_INPUT)
-    row = result.csv_row(run_cfg)
+    if context is not None:
+        sweep_fields["state"] = TRIAL_STATES[result.status]
+    row = result.csv_row(run_cfg, **sweep_fields)
     append_row(run_cfg.csv_path, row)
     metrics = result.metrics
     log.info(
@@ -62,6 +73,42 @@ def run_job(cfg: DictConfig) -> dict[str, Any]:
     if result.status == "failed" and not multirun:
         sys.exit(EXIT_FAILED)
     return dict(row, constraint=metrics.get("constraint", 1.0))
+
+
+# How the sweeper records each trial status in the study (and so in the CSV's `state`).
+TRIAL_STATES = {"success": "COMPLETE", "pruned": "PRUNED", "diverged": "FAIL", "failed": "FAIL"}
+
+
+def _trial_context() -> Any:
+    from lora_sweep.sweep.context import current_trial_context
+
+    return current_trial_context()
+
+
+def _pruning_hook(context: Any, run_cfg: RunConfig) -> StepHook:
+    """Report the objective of the run so far after every step; stop when the pruner says so.
+
+    The intermediate value is the trial's own objective computed on the prefix of the run,
+    so it points in the study's direction (no sign flips between loss and stability).
+    """
+    from lora_sweep.sweep.context import TrialReporter
+
+    reporter = TrialReporter(context)
+    objective = context.objective_names[0] if context.objective_names else "stability_index"
+
+    def hook(history: list[StepRecord]) -> bool:
+        metrics = compute_metrics(
+            [s.loss for s in history], [s.grad_norm for s in history],
+            warmup_steps=min(run_cfg.train.warmup_steps, len(history)),
+            min_improvement=run_cfg.train.min_improvement,
+        )
+        value = float(getattr(metrics, objective))
+        step = history[-1].step
+        if value == value:  # NaN is never reported; the final result decides such a trial
+            reporter.report(value, step)
+        return reporter.should_prune()
+
+    return hook
 
 
 def _fmt(value: Any) -> str:

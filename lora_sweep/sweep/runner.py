@@ -1,0 +1,495 @@
+"""The sweep loop: ask -> build job overrides -> launch through Hydra's launcher -> tell.
+
+``n_jobs`` (trials in flight):
+
+* basic (in-process) launcher: ``n_jobs`` worker PROCESSES. The sweeper's own process is
+  worker 0; it re-executes the same command ``n_jobs - 1`` times with
+  ``hydra.sweeper.worker_id=i`` (and the resolved storage, study and sweep dir pinned). Every
+  worker loops ask -> run one trial -> tell against the shared storage until the study has
+  ``n_trials`` finished trials, so a new trial starts as soon as any worker is free (no batch
+  barrier). Threads: ``OMP_NUM_THREADS = cores // n_jobs`` for the spawned workers and
+  ``torch.set_num_threads`` (if torch is loaded) plus the same env var in worker 0. Finished
+  trials end between ``n_trials`` and ``n_trials + n_jobs - 1`` (a check-then-ask race).
+* any other launcher (joblib, submitit, ...): ``n_jobs`` is the batch size of each
+  ``launcher.launch`` call (Hydra's launcher API waits for the whole batch).
+
+The same command started by hand on several machines against one PostgreSQL study also
+cooperates (Optuna's distributed optimisation); each process is just another worker.
+"""
+
+from __future__ import annotations
+
+import importlib
+import logging
+import math
+import os
+import shlex
+import subprocess
+import sys
+import warnings
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from lora_sweep.sweep import study as study_mod
+from lora_sweep.sweep.context import STUDY_ATTR_PRUNER, TrialContext
+from lora_sweep.sweep.objective import (
+    ObjectiveConfigError,
+    ObjectiveSpec,
+    Outcome,
+    outcome_from_exception,
+    outcome_from_return,
+    parse_objective,
+)
+from lora_sweep.sweep.samplers import SamplerConfigError, build_pruner, build_sampler, grid_size, is_grid, pruner_config
+from lora_sweep.sweep.space import SearchSpace, SearchSpaceError, format_value, parse_search_space, to_overrides
+
+log = logging.getLogger(__name__)
+DEFAULT_SUBDIR = "${hydra.job.num}"
+_VALUE_FLAGS = {"-cp", "-cn", "-cd", "--config-path", "--config-name", "--config-dir"}
+_SEED_STRIDE = 100_003
+
+
+class SweepError(RuntimeError):
+    """A sweep that cannot start or must stop; the message says why and what to do."""
+
+
+class SweepAbortedError(SweepError):
+    """Too many failed trials."""
+
+
+#: Errors reported to the user as one line (bad settings, bad search space, abort).
+USER_ERRORS = (
+    SweepError,
+    SearchSpaceError,
+    ObjectiveConfigError,
+    SamplerConfigError,
+    study_mod.StudyMismatchError,
+)
+
+
+@dataclass
+class SweepSummary:
+    """Result of :meth:`SweepRunner.run`."""
+
+    study_name: str
+    storage: str
+    finished: int
+    failed: int
+    pruned: int
+    best: list[dict[str, Any]] = field(default_factory=list)
+    replay_commands: list[str] = field(default_factory=list)
+    nothing_to_do: bool = False
+
+
+def _setting(settings: Any, key: str, default: Any = None) -> Any:
+    value = settings.get(key, default) if hasattr(settings, "get") else getattr(settings, key, default)
+    return default if value is None else value
+
+
+def _plain(value: Any) -> Any:
+    try:
+        from omegaconf import DictConfig, ListConfig, OmegaConf
+
+        if isinstance(value, (DictConfig, ListConfig)):
+            return OmegaConf.to_container(value, resolve=True)
+    except ImportError:  # pragma: no cover
+        pass
+    return value
+
+
+def launch_prefix(argv: Sequence[str] | None = None, python: str = "python") -> list[str]:
+    """``python -m pkg`` when this process runs a module, else ``python path/to/app.py``."""
+    argv = list(sys.argv if argv is None else argv)
+    main = sys.modules.get("__main__")
+    spec = getattr(main, "__spec__", None)
+    if spec is not None and getattr(spec, "name", None):
+        name = spec.name[: -len(".__main__")] if spec.name.endswith(".__main__") else spec.name
+        return [python, "-m", name]
+    return [python, argv[0] if argv else "app.py"]
+
+
+def app_command(argv: Sequence[str] | None = None, python: str = "python") -> list[str]:
+    """The command that started this app, with Hydra's config flags but no overrides/``-m``."""
+    argv = list(sys.argv if argv is None else argv)
+    cmd = launch_prefix(argv, python)
+    rest = argv[1:]
+    i = 0
+    while i < len(rest):
+        token = rest[i]
+        flag = token.split("=", 1)[0]
+        if flag in _VALUE_FLAGS:
+            cmd.append(token)
+            if "=" not in token and i + 1 < len(rest):
+                cmd.append(rest[i + 1])
+                i += 1
+        i += 1
+    return cmd
+
+
+def _load_hook(path: str) -> Callable[[Any, Any], Any]:
+    module_name, _, attr = path.rpartition(".")
+    try:
+        return getattr(importlib.import_module(module_name), attr)
+    except (ImportError, AttributeError, ValueError) as exc:
+        raise SweepError(
+            f"hydra.sweeper.custom_search_space={path!r} cannot be imported ({exc}); "
+            "give 'package.module.function'"
+        ) from exc
+
+
+def _cpu_count() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # pragma: no cover - non-Linux
+        return os.cpu_count() or 1
+
+
+def set_threads(threads: int) -> None:
+    """Threads for trials in this process: env for later imports, torch if already loaded."""
+    for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS"):
+        os.environ[var] = str(threads)
+    torch = sys.modules.get("torch")
+    if torch is not None:
+        torch.set_num_threads(threads)
+
+
+class SweepRunner:
+    """Runs one sweep (one worker) of a Hydra app against an Optuna study.
+
+    Args:
+        settings: ``hydra.sweeper`` config (or a dict with the same keys).
+        config: The full composed config (with ``hydra``) given to ``Sweeper.setup``.
+        launcher: Hydra launcher (``launch(job_overrides, initial_job_idx)``).
+        argv: The process's command line (for worker processes and replay commands).
+        is_basic_launcher: True for Hydra's in-process basic launcher.
+    """
+
+    def __init__(
+        self,
+        *,
+        settings: Any,
+        config: Any,
+        launcher: Any,
+        argv: Sequence[str] | None = None,
+        is_basic_launcher: bool = True,
+    ) -> None:
+        self.settings = settings
+        self.config = config
+        self.launcher = launcher
+        self.argv = list(sys.argv if argv is None else argv)
+        self.is_basic = is_basic_launcher
+        self.worker_id = int(_setting(settings, "worker_id", 0))
+        self.study: Any = None
+        self.space = SearchSpace()
+        self.spec: ObjectiveSpec | None = None
+        self.storage = ""
+        self.study_name = ""
+        self._hook: Callable[[Any, Any], Any] | None = None
+
+    # ----------------------------------------------------------------- setup
+    def _app_config(self) -> Any:
+        from omegaconf import OmegaConf
+
+        cfg = OmegaConf.masked_copy(self.config, [k for k in self.config if k != "hydra"])
+        return cfg
+
+    def _sweep_dir(self) -> str:
+        return str(Path(str(self.config.hydra.sweep.dir)).absolute())
+
+    def _subdir_is_default(self) -> bool:
+        from omegaconf import OmegaConf
+
+        raw = OmegaConf.to_container(self.config.hydra.sweep, resolve=False)
+        return isinstance(raw, dict) and raw.get("subdir") == DEFAULT_SUBDIR
+
+    def prepare(self, arguments: Sequence[str]) -> None:
+        """Parses everything that can fail before the storage is touched."""
+        s = self.settings
+        self.spec = parse_objective(_plain(_setting(s, "objective")), _plain(_setting(s, "direction", "minimize")))
+        self.space = parse_search_space(_plain(_setting(s, "params", {})), arguments)
+        hook = _setting(s, "custom_search_space")
+        self._hook = _load_hook(str(hook)) if hook else None
+        storage = _setting(s, "storage")
+        self.storage = (
+            study_mod.normalize_storage(str(storage))
+            if storage
+            else study_mod.default_storage(self._app_config(), self._sweep_dir())
+        )
+        self.study_name = str(_setting(s, "study_name") or self.config.hydra.job.name)
+        if is_grid(_setting(s, "sampler")) and not self.space.distributions:
+            raise SweepError("the grid sampler needs at least one choice/range parameter")
+
+    def _target(self) -> int:
+        n = int(_setting(self.settings, "n_trials", 20))
+        if is_grid(_setting(self.settings, "sampler")):
+            size = grid_size(self.space.distributions)
+            if size < n:
+                log.info("Grid has %d points: n_trials capped from %d to %d", size, n, size)
+                n = size
+        return n
+
+    def open(self) -> None:
+        """Opens/creates the study, recovers stale trials, installs the seeded sampler."""
+        assert self.spec is not None
+        import optuna
+
+        pruner_cfg = pruner_config(_setting(self.settings, "pruner"))
+        self.study = study_mod.open_study(
+            storage=self.storage,
+            study_name=self.study_name,
+            directions=self.spec.directions,
+            sampler=optuna.samplers.RandomSampler(seed=0),
+            pruner=build_pruner(pruner_cfg),
+        )
+        if self.worker_id == 0:
+            stale = study_mod.recover_stale(self.study)
+            if stale:
+                log.warning("Marked stale RUNNING trials %s FAIL and re-queued their params", stale)
+        base_seed = _setting(self.settings, "seed")
+        seed = None
+        if base_seed is not None:
+            seed = int(base_seed) + len(self.study.get_trials(deepcopy=False)) + self.worker_id * _SEED_STRIDE
+        self.study.sampler = build_sampler(
+            _setting(self.settings, "sampler"), seed=seed, distributions=self.space.distributions
+        )
+        if self.worker_id == 0:
+            self._annotate_study(pruner_cfg)
+
+    def _annotate_study(self, pruner_cfg: dict[str, Any]) -> None:
+        from omegaconf import OmegaConf
+
+        assert self.spec is not None
+        study = self.study
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # ExperimentalWarning since v3.2, stable in use
+            study.set_metric_names(self.spec.metric_names)
+        study.set_user_attr(STUDY_ATTR_PRUNER, pruner_cfg)
+        study.set_user_attr("sweep.search_space", self.space.describe())
+        study.set_user_attr("sweep.objective", dict(zip(self.spec.metric_names, self.spec.directions)))
+        study.set_user_attr("sweep.base_config", OmegaConf.to_yaml(self._app_config(), resolve=False))
+        study.set_user_attr("sweep.command", shlex.join(self.argv))
+        for params in _plain(_setting(self.settings, "enqueue", [])) or []:
+            study.enqueue_trial(dict(params), skip_if_exists=True)
+
+    # ----------------------------------------------------------------- trials
+    def _ask(self) -> tuple[Any, list[str]]:
+        assert self.spec is not None
+        trial = self.study.ask(fixed_distributions=dict(self.space.distributions))
+        params = {k: trial.params[k] for k in self.space.distributions}
+        extra: Mapping[str, Any] = {}
+        if self._hook is not None:
+            extra = self._hook(self._app_config(), trial) or {}
+        task_overrides = [f"{k}={v}" for k, v in self.space.fixed.items()]
+        task_overrides += to_overrides(params) + to_overrides(extra)
+        context = TrialContext(
+            storage=self.storage,
+            study_name=self.study_name,
+            trial_id=trial._trial_id,
+            trial_number=trial.number,
+            objective_names=tuple(self.spec.names or ()),
+            directions=self.spec.directions,
+        )
+        hidden = [context.override()]
+        if self._subdir_is_default():
+            subdir = str(trial.number)
+            sweep_dir = Path(self._sweep_dir())
+            k = 1
+            while (sweep_dir / subdir).exists():  # never overwrite an old job dir
+                subdir = f"{trial.number}_rerun{k}"
+                k += 1
+            hidden.append(f"hydra.sweep.subdir={subdir}")
+            trial.set_user_attr("job_dir", str(sweep_dir / subdir))
+        trial.set_user_attr(study_mod.ATTR_WORKER, study_mod.worker_tag())
+        trial.set_user_attr("overrides", shlex.join(task_overrides))
+        log.info("[trial %d] %s", trial.number, " ".join(task_overrides) or "(no overrides)")
+        return trial, task_overrides + hidden
+
+    def _outcome(self, job_return: Any) -> Outcome:
+        from hydra.core.utils import JobStatus
+
+        assert self.spec is not None
+        if job_return is None:
+            return Outcome(state="fail", status="failed", reason="the launcher returned no result")
+        if job_return.status == JobStatus.COMPLETED:
+            return outcome_from_return(job_return.return_value, self.spec)
+        try:
+            job_return.return_value  # re-raises the job's exception
+        except BaseException as exc:  # noqa: BLE001 - any job failure becomes FAIL
+            return outcome_from_exception(exc)
+        return Outcome(state="fail", status="failed", reason=f"job status {job_return.status}")
+
+    def _tell(self, trial: Any, outcome: Outcome) -> None:
+        from optuna.trial import TrialState
+
+        for key, value in outcome.user_attrs.items():
+            trial.set_user_attr(key, value)
+        trial.set_user_attr(study_mod.ATTR_STATUS, outcome.status)
+        trial.set_user_attr(study_mod.ATTR_REASON, outcome.reason)
+        if outcome.state == "complete":
+            for name, value in outcome.constraints.items():
+                trial.set_constraint(name, value)
+            frozen = self.study.tell(trial, outcome.values)
+            values = ", ".join(f"{n}={v:.6g}" for n, v in zip(self.spec.metric_names, outcome.values or []))
+            infeasible = any(v > 0 for v in outcome.constraints.values())
+            log.info("[trial %d] COMPLETE %s%s", frozen.number, values, " (infeasible)" if infeasible else "")
+        elif outcome.state == "pruned":
+            self.study.tell(trial, state=TrialState.PRUNED)
+            log.info("[trial %d] PRUNED %s", trial.number, outcome.reason)
+        else:
+            frozen = self.study.tell(trial, state=TrialState.FAIL)
+            log.warning("[trial %d] FAIL (%s) %s", trial.number, outcome.status, outcome.reason)
+            if _setting(self.settings, "penalize_failures", True):
+                study_mod.add_penalty_record(self.study, frozen)
+
+    def _check_failure_rate(self) -> None:
+        max_rate = float(_setting(self.settings, "max_failure_rate", 1.0))
+        min_trials = int(_setting(self.settings, "failure_min_trials", 5))
+        p = study_mod.progress(self.study)
+        if p.finished >= min_trials and p.failure_rate > max_rate:
+            from optuna.trial import TrialState
+
+            reasons = []
+            for t in self.study.get_trials(deepcopy=False, states=(TrialState.FAIL,)):
+                reason = t.user_attrs.get(study_mod.ATTR_REASON)
+                if reason and not t.user_attrs.get(study_mod.ATTR_STALE) and reason not in reasons:
+                    reasons.append(str(reason))
+            raise SweepAbortedError(
+                f"Aborting the sweep: {p.failed} of {p.finished} finished trials failed "
+                f"({p.failure_rate:.0%}), above hydra.sweeper.max_failure_rate={max_rate:g} "
+                f"(checked from {min_trials} trials on). Recent reasons: {reasons[-3:]}. "
+                "Fix the cause (see the trials' 'reason' in the dashboard/CSV), or raise "
+                "max_failure_rate; rerunning the command resumes the study."
+            )
+
+    def _loop(self, target: int, batch_size: int) -> None:
+        while True:
+            self._check_failure_rate()
+            p = study_mod.progress(self.study)
+            remaining = target - p.finished - p.running
+            if remaining <= 0:
+                return
+            batch = [self._ask() for _ in range(min(batch_size, remaining))]
+            trials = [t for t, _ in batch]
+            try:
+                returns = self.launcher.launch([o for _, o in batch], initial_job_idx=trials[0].number)
+            except BaseException as exc:
+                for trial in trials:  # the launcher itself failed: do not leave RUNNING trials
+                    self._tell(trial, outcome_from_exception(exc))
+                raise
+            returns = list(returns) + [None] * (len(trials) - len(returns))
+            for trial, job_return in zip(trials, returns):
+                self._tell(trial, self._outcome(job_return))
+
+    # ----------------------------------------------------------------- workers
+    def _spawn_workers(self, n_workers: int, threads: int) -> list[subprocess.Popen[bytes]]:
+        pinned = {
+            "hydra.sweeper.worker_id": None,
+            "hydra.sweeper.storage": self.storage,
+            "hydra.sweeper.study_name": self.study_name,
+            "hydra.sweep.dir": self._sweep_dir(),
+        }
+        prefix = launch_prefix(self.argv, python=sys.executable)
+        keep = [a for a in self.argv[1:] if a.lstrip("+~").split("=", 1)[0] not in pinned]
+        extra = [f"{k}={format_value(v)}" for k, v in pinned.items() if v is not None]
+        env = dict(os.environ, OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))
+        procs = []
+        for i in range(1, n_workers):
+            cmd = [*prefix, *keep, *extra, f"hydra.sweeper.worker_id={i}"]
+            if "-m" not in keep and "--multirun" not in keep:
+                cmd.append("-m")
+            log.info("Starting worker %d: %s", i, shlex.join(cmd))
+            procs.append(subprocess.Popen(cmd, env=env))
+        return procs
+
+    # ----------------------------------------------------------------- run
+    def run(self, arguments: Sequence[str]) -> SweepSummary:
+        """Runs the sweep until the study has ``n_trials`` finished trials."""
+        self.prepare(arguments)
+        self.open()
+        target = self._target()
+        n_jobs = max(1, int(_setting(self.settings, "n_jobs", 1)))
+        p = study_mod.progress(self.study)
+        if self.worker_id == 0:
+            print(f"[lora_sweep] study '{self.study_name}' in {self.storage}", flush=True)
+            print(f"[lora_sweep] dashboard: {study_mod.dashboard_command(self.storage)}", flush=True)
+            print(f"[lora_sweep] {p.finished} of n_trials={target} trials already finished", flush=True)
+        if p.finished >= target:
+            if self.worker_id == 0:
+                print(
+                    f"[lora_sweep] nothing to do: the study already has {p.finished} finished "
+                    f"trials (n_trials={target}); raise hydra.sweeper.n_trials to continue",
+                    flush=True,
+                )
+            summary = self.summary()
+            summary.nothing_to_do = True
+            return summary
+        procs: list[subprocess.Popen[bytes]] = []
+        threads = max(1, _cpu_count() // n_jobs)
+        if n_jobs > 1 and self.is_basic and self.worker_id == 0:
+            if self.storage.startswith("sqlite:///:memory:"):
+                raise SweepError("n_jobs > 1 needs a shared storage, not in-memory SQLite")
+            set_threads(threads)
+            procs = self._spawn_workers(n_jobs, threads)
+            batch_size = 1
+        elif n_jobs > 1 and not self.is_basic:
+            set_threads(threads)
+            batch_size = n_jobs
+        else:
+            batch_size = 1
+        try:
+            self._loop(target, batch_size)
+        finally:
+            codes = [proc.wait() for proc in procs]
+            if any(codes):
+                log.warning("Worker exit codes: %s", codes)
+        if procs:
+            if study_mod.recover_stale(self.study):  # a worker died mid-trial: finish its share
+                self._loop(target, 1)
+            self._check_failure_rate()
+        return self.summary()
+
+    def summary(self) -> SweepSummary:
+        """Best feasible trial(s), their values and replay commands."""
+        assert self.spec is not None
+        p = study_mod.progress(self.study)
+        out = SweepSummary(
+            study_name=self.study_name, storage=self.storage, finished=p.finished,
+            failed=p.failed, pruned=p.pruned,
+        )
+        try:
+            best = self.study.best_trials if len(self.spec.directions) > 1 else [self.study.best_trial]
+        except ValueError:
+            best = []
+        replay = _setting(self.settings, "replay_command")
+        base = shlex.split(str(replay)) if replay else app_command(self.argv)
+        for trial in best:
+            if trial.user_attrs.get(study_mod.ATTR_PENALTY_FOR) is not None:
+                continue
+            overrides = shlex.split(str(trial.user_attrs.get("overrides", "")))
+            command = shlex.join([*base, *overrides])
+            out.best.append(
+                {"number": trial.number, "values": dict(zip(self.spec.metric_names, trial.values)),
+                 "params": dict(trial.params)}
+            )
+            out.replay_commands.append(command)
+        return out
+
+
+def format_summary(summary: SweepSummary) -> str:
+    """Human-readable end-of-sweep summary."""
+    lines = [
+        f"[lora_sweep] study '{summary.study_name}': {summary.finished} finished trials "
+        f"({summary.failed} failed, {summary.pruned} pruned)",
+    ]
+    if not summary.best:
+        lines.append("[lora_sweep] no feasible completed trial yet")
+    for best, command in zip(summary.best, summary.replay_commands):
+        values = ", ".join(
+            f"{k}={v:.6g}" if isinstance(v, float) and math.isfinite(v) else f"{k}={v}"
+            for k, v in best["values"].items()
+        )
+        lines.append(f"[lora_sweep] best trial {best['number']}: {values}; params {best['params']}")
+        lines.append(f"[lora_sweep] replay: {command}")
+    return "\n".join(lines)

@@ -1,0 +1,181 @@
+"""Sweeper logic without Hydra subprocesses: objectives, outcomes, storage, context, export."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import optuna
+import pytest
+
+from lora_sweep.sweep import study as study_mod
+from lora_sweep.sweep.context import TrialContext, TrialReporter
+from lora_sweep.sweep.export import export_csv
+from lora_sweep.sweep.objective import (
+    ObjectiveConfigError,
+    outcome_from_exception,
+    outcome_from_return,
+    parse_objective,
+)
+from lora_sweep.sweep.samplers import build_pruner, build_sampler, grid_search_space
+from lora_sweep.sweep.space import parse_search_space
+
+optuna.logging.set_verbosity(optuna.logging.WARNING)
+
+
+def test_objective_presets_and_mapping() -> None:
+    assert parse_objective(None, "maximize").directions == ("maximize",)
+    assert parse_objective("stability_index").directions == ("maximize",)
+    spec = parse_objective(["stability_index", "final_loss"])
+    assert spec.names == ("stability_index", "final_loss")
+    assert spec.directions == ("maximize", "minimize")
+    assert parse_objective({"acc": "maximize"}).names == ("acc",)
+    assert parse_objective("acc", "maximize").directions == ("maximize",)
+    with pytest.raises(ObjectiveConfigError):
+        parse_objective(["acc", "loss"])
+    with pytest.raises(ObjectiveConfigError):
+        parse_objective(None, "up")
+
+
+def test_outcomes() -> None:
+    spec = parse_objective("stability_index")
+    ok = outcome_from_return({"stability_index": 0.7, "avg_loss": 2.0, "constraint": 0.5, "run_dir": "/x"}, spec)
+    assert ok.state == "complete" and ok.values == [0.7]
+    assert ok.constraints == {"constraint": 0.5} and ok.user_attrs["run_dir"] == "/x"
+    assert outcome_from_return({"status": "pruned"}, spec).state == "pruned"
+    div = outcome_from_return({"status": "diverged", "reason": "loss nan at step 3"}, spec)
+    assert (div.state, div.status, div.reason) == ("fail", "diverged", "loss nan at step 3")
+    nan = outcome_from_return({"stability_index": math.nan}, spec)
+    assert nan.state == "fail" and "non-finite" in nan.reason
+    plain = parse_objective(None)
+    assert outcome_from_return(1.5, plain).values == [1.5]
+    assert outcome_from_return(math.inf, plain).state == "fail"
+    assert outcome_from_return({"a": 1}, plain).state == "fail"
+    assert outcome_from_exception(MemoryError("x")).status == "oom"
+    assert outcome_from_exception(optuna.TrialPruned()).state == "pruned"
+    assert outcome_from_exception(RuntimeError("boom")).reason == "RuntimeError: boom"
+
+
+def test_normalize_storage(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    assert study_mod.normalize_storage("sqlite:///x.db") == f"sqlite:///{tmp_path}/x.db"
+    assert study_mod.normalize_storage("sqlite:////abs/x.db") == "sqlite:////abs/x.db"
+    assert study_mod.normalize_storage("j.log") == str(tmp_path / "j.log")
+    assert study_mod.normalize_storage("a/b.db") == f"sqlite:///{tmp_path}/a/b.db"
+    assert study_mod.normalize_storage("postgresql://u@h/db") == "postgresql://u@h/db"
+    assert study_mod.dashboard_command(str(tmp_path / "j.log")) == f"optuna-dashboard {tmp_path}/j.log"
+
+
+def test_context_round_trip_and_reporter_uses_configured_pruner(tmp_path: Path) -> None:
+    storage = str(tmp_path / "j.log")
+    study = study_mod.open_study(storage=storage, study_name="s", directions=["minimize"])
+    study.set_user_attr("sweep.pruner", {"_target_": "optuna.pruners.ThresholdPruner", "upper": 1.0})
+    trial = study.ask()
+    ctx = TrialContext(storage=storage, study_name="s", trial_id=trial._trial_id, trial_number=trial.number)
+    assert TrialContext.decode(ctx.encode()) == ctx
+    assert set(ctx.encode()) <= set("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_")
+    reporter = TrialReporter(ctx)
+    reporter.report(0.5, 0)
+    assert not reporter.should_prune()
+    reporter.report(2.0, 1)
+    assert reporter.should_prune()  # load_study's default MedianPruner would not prune here
+    assert study.trials[0].intermediate_values == {0: 0.5, 1: 2.0}
+
+
+def test_stale_trials_failed_and_requeued(tmp_path: Path) -> None:
+    storage = str(tmp_path / "j.log")
+    study = study_mod.open_study(storage=storage, study_name="s", directions=["minimize"])
+    trial = study.ask({"x": optuna.distributions.FloatDistribution(0, 1)})
+    trial.set_user_attr("worker", f"{study_mod.worker_tag().rsplit(':', 1)[0]}:999999999")
+    assert study_mod.recover_stale(study) == [0]
+    frozen = study.trials[0]
+    assert frozen.state.name == "FAIL" and frozen.user_attrs["stale"] is True
+    assert study.trials[1].state.name == "WAITING"
+    assert study.ask({"x": optuna.distributions.FloatDistribution(0, 1)}).params == frozen.params
+    assert study_mod.progress(study).finished == 0
+
+
+def test_penalty_record_is_infeasible_and_not_counted(tmp_path: Path) -> None:
+    study = study_mod.open_study(storage=str(tmp_path / "j.log"), study_name="s", directions=["minimize"])
+    dist = {"x": optuna.distributions.FloatDistribution(0, 1)}
+    good = study.ask(dist)
+    study.tell(good, 3.0)
+    bad = study.ask(dist)
+    frozen = study.tell(bad, state=optuna.trial.TrialState.FAIL)
+    assert study_mod.add_penalty_record(study, frozen)
+    twin = study.trials[-1]
+    assert twin.values == [3.0] and twin.constraints == {"failed": 1.0}
+    assert study.best_trial.number == good.number
+    p = study_mod.progress(study)
+    assert (p.finished, p.failed) == (2, 1)
+
+
+def test_samplers_and_pruners_build() -> None:
+    space = parse_search_space({"a": "choice(1,2)", "b": "range(0,3)"})
+    tpe = build_sampler({"_target_": "optuna.samplers.TPESampler", "multivariate": True}, seed=3,
+                        distributions=space.distributions)
+    assert isinstance(tpe, optuna.samplers.TPESampler)
+    grid = build_sampler({"_target_": "optuna.samplers.GridSampler"}, seed=0, distributions=space.distributions)
+    assert isinstance(grid, optuna.samplers.GridSampler)
+    assert grid_search_space(space.distributions) == {"a": [1, 2], "b": [0, 1, 2]}
+    patient = build_pruner({"_target_": "optuna.pruners.PatientPruner", "patience": 2,
+                            "wrapped_pruner": {"_target_": "optuna.pruners.MedianPruner"}})
+    assert isinstance(patient, optuna.pruners.PatientPruner)
+    assert isinstance(build_pruner(None), optuna.pruners.NopPruner)
+
+
+def test_export_csv_one_row_per_trial(tmp_path: Path) -> None:
+    storage = str(tmp_path / "j.log")
+    study = study_mod.open_study(storage=storage, study_name="s", directions=["maximize"])
+    dist = {"lora.r": optuna.distributions.CategoricalDistribution((4, 8))}
+    for i, state in enumerate(["COMPLETE", "PRUNED", "FAIL"]):
+        t = study.ask(dist)
+        t.set_user_attr("status", {"COMPLETE": "success", "PRUNED": "pruned", "FAIL": "failed"}[state])
+        t.set_user_attr("stability_index", 0.5 + i)
+        if state == "COMPLETE":
+            study.tell(t, 0.5)
+        else:
+            study.tell(t, state=getattr(optuna.trial.TrialState, state))
+    study_mod.add_penalty_record(study, study.trials[2])
+    out = tmp_path / "out.csv"
+    assert export_csv(storage, "s", out) == 3
+    import csv
+
+    rows = list(csv.DictReader(out.open()))
+    assert [r["state"] for r in rows] == ["COMPLETE", "PRUNED", "FAIL"]
+    assert [r["trial_number"] for r in rows] == ["0", "1", "2"]
+    assert all(r["study_name"] == "s" and r["lora.r"] in {"4", "8"} for r in rows)
+
+
+def test_runner_batches_through_a_non_basic_launcher(tmp_path: Path) -> None:
+    """n_jobs = batch size for launchers other than the basic one (e.g. joblib)."""
+    from hydra.core.utils import JobReturn, JobStatus
+    from omegaconf import OmegaConf
+
+    from lora_sweep.sweep.runner import SweepRunner
+
+    batches: list[int] = []
+
+    class FakeLauncher:
+        def launch(self, job_overrides, initial_job_idx):  # noqa: ANN001, ANN202
+            batches.append(len(job_overrides))
+            out = []
+            for overrides in job_overrides:
+                x = float(next(o for o in overrides if o.startswith("x=")).split("=", 1)[1])
+                ret = JobReturn(status=JobStatus.COMPLETED)
+                ret.return_value = (x - 1.0) ** 2
+                out.append(ret)
+            return out
+
+    config = OmegaConf.create({
+        "results_dir": str(tmp_path),
+        "hydra": {"sweep": {"dir": str(tmp_path / "multirun"), "subdir": "${hydra.job.num}"},
+                  "job": {"name": "fake"}},
+    })
+    settings = {"n_trials": 5, "n_jobs": 2, "seed": 0, "params": {"x": "interval(-2.0, 2.0)"},
+                "sampler": {"_target_": "optuna.samplers.RandomSampler"}, "replay_command": "python app.py"}
+    runner = SweepRunner(settings=settings, config=config, launcher=FakeLauncher(), argv=["app.py"],
+                         is_basic_launcher=False)
+    summary = runner.run([])
+    assert batches == [2, 2, 1] and summary.finished == 5
+    assert summary.replay_commands[0].startswith("python app.py x=")
