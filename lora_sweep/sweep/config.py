@@ -92,6 +92,23 @@ PRUNERS: dict[str, dict[str, Any]] = {
         "n_warmup_steps": 0,
         "interval_steps": 1,
     },
+    # compare the value at this step, not the best so far (see lora_sweep.sweep.pruners)
+    "step_median": {
+        "_target_": "lora_sweep.sweep.pruners.StepPercentilePruner",
+        "percentile": 50.0,
+        "n_startup_trials": 5,
+        "n_warmup_steps": 10,
+        "interval_steps": 1,
+        "n_min_trials": 1,
+    },
+    "step_percentile": {
+        "_target_": "lora_sweep.sweep.pruners.StepPercentilePruner",
+        "percentile": 25.0,
+        "n_startup_trials": 5,
+        "n_warmup_steps": 10,
+        "interval_steps": 1,
+        "n_min_trials": 1,
+    },
     "patient": {
         "_target_": "optuna.pruners.PatientPruner",
         "wrapped_pruner": dict(_MEDIAN),
