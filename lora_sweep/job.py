@@ -45,12 +45,13 @@ def run_job(cfg: DictConfig) -> dict[str, Any]:
     multirun = _is_multirun()
     run_dir = Path(HydraConfig.get().runtime.output_dir)
     context = _trial_context() if multirun else None
+    reporter = _reporter(context) if context is not None else None
     sweep_fields: dict[str, Any] = {}
     if context is not None:
         sweep_fields = {"study_name": context.study_name, "trial_number": context.trial_number}
     try:
         run_cfg = RunConfig.from_mapping(OmegaConf.to_container(cfg, resolve=True))
-        on_step = _pruning_hook(context, run_cfg) if context is not None else None
+        on_step = _pruning_hook(reporter, context, run_cfg) if reporter is not None else None
         result = run_trial(run_cfg, run_dir, on_step=on_step, config_yaml=OmegaConf.to_yaml(cfg, resolve=True))
     except INPUT_ERRORS as err:
         if multirun:
@@ -61,6 +62,9 @@ def run_job(cfg: DictConfig) -> dict[str, Any]:
     if context is not None:
         sweep_fields["state"] = TRIAL_STATES[result.status]
     row = result.csv_row(run_cfg, **sweep_fields)
+    payload = dict(row, constraint=result.metrics.get("constraint", 1.0))
+    if reporter is not None:
+        reporter.record_result(payload)  # first: a sweep killed after this still finishes the trial
     append_row(run_cfg.csv_path, row)
     metrics = result.metrics
     log.info(
@@ -72,7 +76,7 @@ def run_job(cfg: DictConfig) -> dict[str, Any]:
         log.warning("%s: %s", result.status, result.reason)
     if result.status == "failed" and not multirun:
         sys.exit(EXIT_FAILED)
-    return dict(row, constraint=metrics.get("constraint", 1.0))
+    return payload
 
 
 # How the sweeper records each trial status in the study (and so in the CSV's `state`).
@@ -85,15 +89,18 @@ def _trial_context() -> Any:
     return current_trial_context()
 
 
-def _pruning_hook(context: Any, run_cfg: RunConfig) -> StepHook:
+def _reporter(context: Any) -> Any:
+    from lora_sweep.sweep.context import TrialReporter
+
+    return TrialReporter(context)
+
+
+def _pruning_hook(reporter: Any, context: Any, run_cfg: RunConfig) -> StepHook:
     """Report the objective of the run so far after every step; stop when the pruner says so.
 
     The intermediate value is the trial's own objective computed on the prefix of the run,
     so it points in the study's direction (no sign flips between loss and stability).
     """
-    from lora_sweep.sweep.context import TrialReporter
-
-    reporter = TrialReporter(context)
     objective = context.objective_names[0] if context.objective_names else "stability_index"
 
     def hook(history: list[StepRecord]) -> bool:

@@ -179,3 +179,35 @@ def test_runner_batches_through_a_non_basic_launcher(tmp_path: Path) -> None:
     summary = runner.run([])
     assert batches == [2, 2, 1] and summary.finished == 5
     assert summary.replay_commands[0].startswith("python app.py x=")
+
+
+def test_trial_whose_job_recorded_a_result_is_finished_not_rerun(tmp_path: Path) -> None:
+    """A sweep killed after the job recorded its result but before `tell`: resume finishes it."""
+    from omegaconf import OmegaConf
+
+    from lora_sweep.sweep.context import ATTR_JOB_RESULT
+    from lora_sweep.sweep.runner import SweepRunner
+
+    storage = str(tmp_path / "optuna_journal.log")
+    study = study_mod.open_study(storage=storage, study_name="s", directions=["maximize"])
+    dead = f"{study_mod.worker_tag().rsplit(':', 1)[0]}:999999999"
+    finished = study.ask({"x": optuna.distributions.FloatDistribution(0, 1)})
+    finished.set_user_attr("worker", dead)
+    finished.set_user_attr(ATTR_JOB_RESULT, {"status": "success", "score": 0.75, "constraint": -0.2, "reason": ""})
+    killed = study.ask({"x": optuna.distributions.FloatDistribution(0, 1)})
+    killed.set_user_attr("worker", dead)
+
+    config = OmegaConf.create({"results_dir": str(tmp_path),
+                               "hydra": {"sweep": {"dir": str(tmp_path / "m"), "subdir": "${hydra.job.num}"},
+                                         "job": {"name": "s"}}})
+    settings = {"n_trials": 1, "objective": {"score": "maximize"}, "params": {"x": "interval(0.0, 1.0)"},
+                "sampler": {"_target_": "optuna.samplers.RandomSampler"}}
+    runner = SweepRunner(settings=settings, config=config, launcher=None, argv=["app.py"])
+    runner.prepare([])
+    runner.open()
+    trials = study_mod.open_study(storage=storage, study_name="s", directions=["maximize"]).trials
+    assert trials[0].state.name == "COMPLETE" and trials[0].values == [0.75]
+    assert trials[0].user_attrs["status"] == "success" and "stale" not in trials[0].user_attrs
+    assert trials[1].state.name == "FAIL" and trials[1].user_attrs["stale"] is True
+    requeued = [t for t in trials if t.state.name == "WAITING"]
+    assert [t.user_attrs.get("requeued_from_trial") for t in requeued] == [1]  # only the killed trial reruns

@@ -31,11 +31,15 @@ from __future__ import annotations
 import base64
 import json
 import os
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass
 from typing import Any
 
 ENV_VAR = "LORA_SWEEP_TRIAL"
 STUDY_ATTR_PRUNER = "sweep.pruner"
+# A job's own copy of its return value, stored before it writes anything else: if the sweep
+# process dies before `tell`, the next run finishes the trial with it instead of re-running it.
+ATTR_JOB_RESULT = "job_result"
 
 
 @dataclass(frozen=True)
@@ -142,6 +146,15 @@ class TrialReporter:
     def should_prune(self) -> bool:
         """Whether the configured pruner says to stop this trial now."""
         return bool(self._single and self.trial.should_prune())
+
+    def record_result(self, result: Mapping[str, Any]) -> None:
+        """Stores the job's return mapping on its trial (scalars only; one storage write).
+
+        Call it before the job's own side effects (e.g. a CSV row), so that a sweep killed
+        between the job's end and the sweeper's `tell` can still finish this trial on resume.
+        """
+        plain = {k: v for k, v in result.items() if v is None or isinstance(v, (bool, int, float, str))}
+        self.trial.set_user_attr(ATTR_JOB_RESULT, plain)
 
     def set_user_attr(self, key: str, value: Any) -> None:
         """Stores a user attribute on the trial (visible live in the dashboard)."""

@@ -33,7 +33,7 @@ from pathlib import Path
 from typing import Any
 
 from lora_sweep.sweep import study as study_mod
-from lora_sweep.sweep.context import STUDY_ATTR_PRUNER, TrialContext
+from lora_sweep.sweep.context import ATTR_JOB_RESULT, STUDY_ATTR_PRUNER, TrialContext
 from lora_sweep.sweep.objective import (
     ObjectiveConfigError,
     ObjectiveSpec,
@@ -244,7 +244,7 @@ class SweepRunner:
             pruner=build_pruner(pruner_cfg),
         )
         if self.worker_id == 0:
-            stale = study_mod.recover_stale(self.study)
+            stale = study_mod.recover_stale(self.study, finish=self._finish_recorded)
             if stale:
                 log.warning("Marked stale RUNNING trials %s FAIL and re-queued their params", stale)
         base_seed = _setting(self.settings, "seed")
@@ -342,6 +342,17 @@ class SweepRunner:
             log.warning("[trial %d] FAIL (%s) %s", trial.number, outcome.status, outcome.reason)
             if _setting(self.settings, "penalize_failures", True):
                 study_mod.add_penalty_record(self.study, frozen)
+
+    def _finish_recorded(self, frozen: Any) -> bool:
+        """Tell a dead process's trial whose job had recorded its result (killed before `tell`)."""
+        import optuna
+
+        recorded = frozen.user_attrs.get(ATTR_JOB_RESULT)
+        if not isinstance(recorded, Mapping) or self.spec is None:
+            return False
+        self._tell(optuna.trial.Trial(self.study, frozen._trial_id), outcome_from_return(dict(recorded), self.spec))
+        log.warning("[trial %d] finished from the result its job recorded before the sweep stopped", frozen.number)
+        return True
 
     def _check_failure_rate(self) -> None:
         max_rate = float(_setting(self.settings, "max_failure_rate", 1.0))
@@ -445,7 +456,7 @@ class SweepRunner:
             if any(codes):
                 log.warning("Worker exit codes: %s", codes)
         if procs:
-            if study_mod.recover_stale(self.study):  # a worker died mid-trial: finish its share
+            if study_mod.recover_stale(self.study, finish=self._finish_recorded):  # a worker died mid-trial
                 self._loop(target, 1)
             self._check_failure_rate()
         return self.summary()

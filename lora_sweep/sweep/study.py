@@ -24,7 +24,7 @@ from __future__ import annotations
 import math
 import os
 import socket
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -190,12 +190,15 @@ def progress(study: Any) -> Progress:
     return out
 
 
-def recover_stale(study: Any, *, all_hosts: bool = False) -> list[int]:
+def recover_stale(
+    study: Any, *, all_hosts: bool = False, finish: Callable[[Any], bool] | None = None
+) -> list[int]:
     """Marks trials left RUNNING by dead processes FAIL (stale) and re-queues their params.
 
     A RUNNING trial is stale when its ``worker`` attr names this host and a dead pid (or has
     no worker attr, or ``all_hosts``). Trials of live processes and of other hosts are left
-    alone, so several sweeps may share one study.
+    alone, so several sweeps may share one study. ``finish(frozen) -> bool`` may finish a
+    dead process's trial itself (its job had recorded a result); such a trial is not stale.
 
     Returns:
         The numbers of the trials marked stale.
@@ -211,6 +214,8 @@ def recover_stale(study: Any, *, all_hosts: bool = False) -> list[int]:
         if worker and not all_hosts:
             if w_host != host or not w_pid.isdigit() or _pid_alive(int(w_pid)):
                 continue
+        if finish is not None and finish(frozen):
+            continue
         trial = optuna.trial.Trial(study, frozen._trial_id)
         trial.set_user_attr(ATTR_STALE, True)
         trial.set_user_attr(ATTR_STATUS, "stale")
