@@ -20,8 +20,9 @@ $(VENV)/.installed: pyproject.toml | $(BIN)/python
 
 setup: $(VENV)/.installed
 
+# The main job is the default sweep; running it again resumes (or does nothing once done).
 run: $(VENV)/.installed
-	$(BIN)/python -m lora_sweep $(ARGS)
+	$(BIN)/python -m lora_sweep -m $(ARGS)
 
 test: $(VENV)/.installed
 	$(BIN)/python -m pytest $(PYTEST_ARGS)

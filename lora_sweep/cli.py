@@ -73,7 +73,11 @@ def _split_argv(argv: list[str]) -> tuple[list[str], dict[str, str], bool] | Non
 
 
 def preflight(argv: list[str]) -> None:
-    """Compose the config the job will see and validate it; raise ConfigError on bad input."""
+    """Compose the config the job will see, validate it and check its data file and checkpoint.
+
+    Raises `ConfigError` (or another of `lora_sweep.trial.INPUT_ERRORS`) on bad input, before
+    Hydra creates a run directory or the sweeper opens a study.
+    """
     from hydra import compose, initialize_config_dir
     from hydra.core.global_hydra import GlobalHydra
     from hydra.core.override_parser.overrides_parser import OverridesParser
@@ -102,7 +106,9 @@ def preflight(argv: list[str]) -> None:
         raise ConfigError(error_line(err)) from err
     finally:
         GlobalHydra.instance().clear()
-    RunConfig.from_mapping(container)
+    from lora_sweep.trial import check_inputs
+
+    check_inputs(RunConfig.from_mapping(container))
 
 
 def _refuse(err: BaseException) -> None:
@@ -126,9 +132,11 @@ def main() -> None:
         from lora_sweep.export_cli import main as export_main
 
         sys.exit(export_main(argv[1:]))
+    from lora_sweep.trial import INPUT_ERRORS
+
     offline_hub()
     try:
         preflight(argv)
-    except ConfigError as err:
+    except INPUT_ERRORS as err:
         _refuse(err)
     _hydra_app()

@@ -133,12 +133,24 @@ def probe_indices(examples: Sequence[data_lib.Example], batch_size: int) -> list
     return chosen
 
 
+def data_path(cfg: RunConfig) -> Path:
+    """`data.path`, or the embedded sanity samples when it is null."""
+    from lora_sweep.embedded import SANITY_SAMPLES_PATH
+
+    return Path(cfg.data.path) if cfg.data.path else SANITY_SAMPLES_PATH
+
+
+def check_inputs(cfg: RunConfig) -> None:
+    """The cheap input checks (data file, checkpoint directory), run before a run or a sweep starts."""
+    data_lib.load_records(data_path(cfg))
+    resolve_model_dir(cfg.model)
+    resolve_device(cfg.train.device)
+
+
 def prepare(cfg: RunConfig) -> Prepared:
     """Load and validate everything the trial needs. Raises one of `INPUT_ERRORS` on bad input."""
     # data first: it is the cheapest to validate
-    from lora_sweep.embedded import SANITY_SAMPLES_PATH
-
-    records = data_lib.load_records(Path(cfg.data.path) if cfg.data.path else SANITY_SAMPLES_PATH)
+    records = data_lib.load_records(data_path(cfg))
     model_dir = resolve_model_dir(cfg.model)
     device = resolve_device(cfg.train.device)
     tokenizer = load_tokenizer(model_dir, cfg.model)

@@ -16,3 +16,4 @@ def test_ci_runs_the_readme_test_command() -> None:
     readme = (REPO / "README.md").read_text()
     assert "make test " in readme and "make run " in readme
     assert "make test" in (REPO / ".ci" / "run").read_text()
+    assert "-m lora_sweep -m" in (REPO / "Makefile").read_text()  # the main job is the default sweep

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import shlex
+import shutil
 import signal
 import subprocess
 import sys
@@ -135,3 +136,35 @@ def test_export_rebuilds_the_csv_from_the_study(tmp_path: Path) -> None:
     missing = subprocess.run([sys.executable, "-m", "lora_sweep", "export", "--results-dir", str(tmp_path / "nope")],
                              capture_output=True, text=True, cwd=REPO)
     assert missing.returncode == 2 and "no study storage" in missing.stderr
+
+
+@pytest.fixture(scope="module")
+def one_trial_sweep(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    results = tmp_path_factory.mktemp("one_trial") / "results"
+    assert run_cli("-m", f"results_dir={results}", "hydra.sweeper.n_trials=1", *SWEEP_TINY).returncode == 0
+    return results
+
+
+@pytest.mark.parametrize(
+    "bad,message",
+    [
+        (["data=alpaca", "data.path={tmp}/broken.json"], "is not valid JSON"),
+        (["model=local", "model.path={tmp}/no_checkpoint"], "is not a directory"),
+        (["lora.r=choice(4,"], "bad override"),
+        (["train.lr=tag(log, interval(0, 1e-2))"], "log"),
+        (["lora.r=range(8, 4)"], "range"),
+    ],
+)
+def test_bad_sweep_input_leaves_study_and_csv_untouched(
+    one_trial_sweep: Path, tmp_path: Path, bad: list[str], message: str
+) -> None:
+    results = tmp_path / "results"
+    shutil.copytree(one_trial_sweep, results)
+    (tmp_path / "broken.json").write_text('[{"instruction": "x"')
+    before = {p: p.read_bytes() for p in (results / "lora_tuning_results.csv", results / "optuna_journal.log")}
+    proc = run_cli("-m", f"results_dir={results}", "hydra.sweeper.n_trials=3", *SWEEP_TINY,
+                   *[b.format(tmp=tmp_path) for b in bad])
+    assert proc.returncode != 0
+    lines = [line for line in proc.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and message in lines[0], proc.stderr
+    assert {p: p.read_bytes() for p in before} == before
