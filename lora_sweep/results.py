@@ -36,6 +36,7 @@ __all__ = [
     "read_rows",
     "results_csv_path",
     "write_json",
+    "write_rows",
     "write_step_log",
     "write_text",
 ]
@@ -223,6 +224,13 @@ def append_row(csv_path: Path, row: Mapping[str, object]) -> None:
         prefix = "" if ends_with_newline else "\n"
         payload = (prefix + line) if has_content else (_HEADER_LINE + line)
         _append_bytes(csv_path, payload.encode("utf-8"))
+
+
+def write_rows(csv_path: str | os.PathLike[str], rows: Iterable[Mapping[str, object]]) -> None:
+    """Write a whole results CSV atomically (header + rows, formatted as ``append_row`` does),
+    e.g. when rebuilding it from a study."""
+    lines = [_HEADER_LINE] + [_csv_line(_row_cells(row)) for row in rows]
+    _atomic_write(csv_path, "".join(lines))
 
 
 def read_rows(csv_path: str | os.PathLike[str]) -> pd.DataFrame:

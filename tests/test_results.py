@@ -22,6 +22,7 @@ from lora_sweep.results import (
     read_rows,
     results_csv_path,
     write_json,
+    write_rows,
     write_step_log,
     write_text,
 )
@@ -279,3 +280,17 @@ def test_write_step_log_key_order_and_empty(tmp_path: Path) -> None:
     assert records(path) == [
         ["step", "loss", "grad_norm", "lr", "tokens", "real_tokens", "elapsed_s"]
     ]
+
+
+def test_write_rows_matches_append_row_and_stays_appendable(tmp_path: Path) -> None:
+    rows = [{"run_id": "a", "train.lr": 0.003, "learned": True}, {"run_id": "b", "lora.r": 8}]
+    appended, written = tmp_path / "appended.csv", tmp_path / "written.csv"
+    for row in rows:
+        append_row(appended, row)
+    write_rows(written, rows)
+    assert written.read_bytes() == appended.read_bytes()
+    append_row(written, {"run_id": "c"})
+    assert list(read_rows(written)["run_id"]) == ["a", "b", "c"]
+    with pytest.raises(ResultsError, match="unknown result column"):
+        write_rows(written, [{"nope": 1}])
+    assert list(read_rows(written)["run_id"]) == ["a", "b", "c"]  # untouched

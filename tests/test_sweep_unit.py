@@ -137,6 +137,9 @@ def test_export_csv_one_row_per_trial(tmp_path: Path) -> None:
         else:
             study.tell(t, state=getattr(optuna.trial.TrialState, state))
     study_mod.add_penalty_record(study, study.trials[2])
+    killed = study.ask(dist)  # a trial killed mid-run: stale, re-queued, never a row
+    killed.set_user_attr("worker", f"{study_mod.worker_tag().rsplit(':', 1)[0]}:999999999")
+    study_mod.recover_stale(study)
     out = tmp_path / "out.csv"
     assert export_csv(storage, "s", out) == 3
     import csv
