@@ -113,7 +113,7 @@ def test_bad_search_space_one_line_and_study_untouched(tmp_path: Path) -> None:
     res = sweep(tmp_path, "hydra.sweeper.n_trials=4", "x=interval(5.0,1.0)")
     assert res.returncode != 0
     errors = [line for line in res.stderr.splitlines() if line.strip()]
-    assert errors == ["lora_sweep sweeper error: Bad search-space override 'x=interval(5.0,1.0)': "
+    assert errors == ["lora_sweep: error: Bad search-space override 'x=interval(5.0,1.0)': "
                       "interval needs low < high, got (5.0, 1.0)"]
     assert (tmp_path / "optuna_journal.log").read_bytes() == journal
 

@@ -66,7 +66,7 @@ class LoraSweepSweeper(Sweeper):
         try:
             summary = runner.run(arguments)
         except USER_ERRORS as exc:  # one clear line instead of a traceback
-            print(f"lora_sweep sweeper error: {exc}", file=sys.stderr, flush=True)
+            print(f"lora_sweep: error: {exc}", file=sys.stderr, flush=True)
             raise SystemExit(1) from None
         if runner.worker_id == 0:
             print(format_summary(summary), flush=True)
