@@ -1,0 +1,124 @@
+"""optuna-dashboard, for real: the README's command on a real sweep's journal, read via its JSON API."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+from lora_sweep.sweep.study import ATTR_PENALTY_FOR, JOURNAL_NAME
+from tests.test_analysis import tiny_sweep_dir
+
+pytest.importorskip("optuna_dashboard")
+
+START_TIMEOUT_S = 60.0
+
+
+@pytest.fixture(scope="session")
+def tiny_sweep(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tiny_sweep_dir(tmp_path_factory)
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def _dashboard_command() -> list[str]:
+    """The console script installed next to this interpreter (what the README runs)."""
+    script = Path(sys.executable).with_name("optuna-dashboard")
+    if script.is_file():
+        return [str(script)]
+    found = shutil.which("optuna-dashboard")
+    if found:
+        return [found]
+    return [sys.executable, "-c", "import sys; from optuna_dashboard._cli import main; sys.exit(main())"]
+
+
+def _get(url: str) -> dict:
+    with urllib.request.urlopen(url, timeout=10) as response:
+        assert response.status == 200
+        return json.loads(response.read().decode("utf-8"))
+
+
+def _wait_until_up(proc: subprocess.Popen, url: str) -> dict:
+    deadline = time.monotonic() + START_TIMEOUT_S
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise AssertionError(f"optuna-dashboard exited with {proc.returncode}")
+        try:
+            return _get(url)
+        except (urllib.error.URLError, ConnectionError, OSError):
+            time.sleep(0.25)
+    raise AssertionError(f"optuna-dashboard did not answer {url} within {START_TIMEOUT_S:.0f} s")
+
+
+def _attrs(trial: dict) -> dict[str, str]:
+    return {a["key"]: a["value"] for a in trial["user_attrs"]}
+
+
+@pytest.mark.slow
+def test_dashboard_serves_the_sweep(tiny_sweep: Path, tmp_path: Path) -> None:
+    import optuna
+
+    from lora_sweep import analysis
+
+    journal = tiny_sweep / JOURNAL_NAME
+    study = analysis.load_study(tiny_sweep)
+    expected = {t.number: t for t in study.get_trials() if ATTR_PENALTY_FOR not in t.user_attrs}
+    port = _free_port()
+    log = (tmp_path / "dashboard.log").open("w")
+    proc = subprocess.Popen(
+        [*_dashboard_command(), str(journal), "--host", "127.0.0.1", "--port", str(port)],
+        cwd=tmp_path, stdout=log, stderr=subprocess.STDOUT,
+    )
+    try:
+        base = f"http://127.0.0.1:{port}"
+        summaries = _wait_until_up(proc, f"{base}/api/studies")["study_summaries"]
+        summary = next(s for s in summaries if s["study_name"] == "lora_sweep")
+        assert summary["directions"] == ["maximize"]
+
+        detail = _get(f"{base}/api/studies/{summary['study_id']}?after=0")
+        assert detail["name"] == "lora_sweep"
+        assert detail["objective_names"] == ["stability_index"]
+        assert detail["has_intermediate_values"] is True
+        by_number = {t["number"]: t for t in detail["trials"]}
+        assert set(expected) <= set(by_number)  # penalty records are there too, marked
+        for number, trial in expected.items():
+            shown = by_number[number]
+            assert shown["state"].upper() == trial.state.name
+            attrs = _attrs(shown)
+            assert attrs["status"] == trial.user_attrs["status"]
+            assert float(attrs["stability_index"]) == pytest.approx(float(trial.user_attrs["stability_index"]))
+            assert {"final_loss", "reason", "run_dir", "drawup", "spike_rate", "grad_volatility"} <= set(attrs)
+            assert {p["name"] for p in shown["params"]} == set(trial.params)
+            steps = {iv["step"]: iv["value"] for iv in shown["intermediate_values"]}
+            assert steps.keys() == trial.intermediate_values.keys()
+            if trial.state == optuna.trial.TrialState.COMPLETE:
+                assert shown["values"] == pytest.approx(trial.values)
+                assert steps  # the per-step objective the pruner compared
+        states = {by_number[n]["state"] for n in expected}
+        assert {"Complete", "Fail"} <= states
+        failed = [n for n, t in expected.items() if t.state.name == "FAIL"]
+        assert all(_attrs(by_number[n])["status"] == "diverged" for n in failed)
+        penalties = [t for t in detail["trials"] if ATTR_PENALTY_FOR in _attrs(t)]
+        assert len(penalties) == len(failed)
+        assert {a["key"] for a in detail["union_user_attrs"]} >= {"stability_index", "status", "reason"}
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(timeout=10)
+        log.close()
+    assert proc.returncode is not None

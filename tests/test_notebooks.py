@@ -1,0 +1,99 @@
+"""The notebooks: committed without outputs, and run top to bottom headless on a real sweep."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import REPO
+from tests.test_analysis import tiny_sweep_dir
+
+nbformat = pytest.importorskip("nbformat")
+
+NOTEBOOKS = REPO / "notebooks"
+# notebook -> figures it must draw (image/png outputs) and the files it saves
+EXPECTED = {
+    "compare_trials.ipynb": {"curves", "stability_by_param", "r_alpha", "importances", "pareto"},
+    "stability_index.ipynb": {"stability_components"},
+}
+MIN_IMAGES = {"compare_trials.ipynb": 5, "stability_index.ipynb": 2}
+
+
+@pytest.fixture(scope="session")
+def tiny_sweep(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tiny_sweep_dir(tmp_path_factory)
+
+
+@pytest.mark.parametrize("name", sorted(EXPECTED))
+def test_committed_notebook_has_no_outputs(name: str) -> None:
+    nb = nbformat.read(NOTEBOOKS / name, as_version=4)
+    nbformat.validate(nb)
+    for cell in nb.cells:
+        if cell.cell_type == "code":
+            assert cell.outputs == [] and cell.execution_count is None, (
+                f"{name} was committed with outputs; clear them (e.g. jupyter nbconvert "
+                "--clear-output --inplace) before committing"
+            )
+    assert nb.metadata["kernelspec"]["name"] == "python3"
+
+
+@pytest.mark.parametrize("name", sorted(EXPECTED))
+def test_notebook_reads_through_lora_sweep_analysis(name: str) -> None:
+    source = "\n".join(c.source for c in nbformat.read(NOTEBOOKS / name, as_version=4).cells if c.cell_type == "code")
+    assert "from lora_sweep import analysis" in source
+    assert "read_csv" not in source and "steps.csv" not in source  # parsing lives in the package
+    assert 'os.environ.get("LORA_SWEEP_RESULTS", "../results")' in source
+
+
+def test_readme_images_exist() -> None:
+    readme = (REPO / "README.md").read_text()
+    for image in ("notebooks/images/dashboard.png", "notebooks/images/curves.png"):
+        assert f"]({image})" in readme
+        assert (REPO / image).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def _kernel_env(tmp: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A python3 kernelspec that runs this interpreter, ahead of any other on the machine,
+    and Jupyter/IPython state in a temp dir."""
+    spec = tmp / "jupyter" / "kernels" / "python3"
+    spec.mkdir(parents=True)
+    (spec / "kernel.json").write_text(json.dumps({
+        "argv": [sys.executable, "-m", "ipykernel_launcher", "-f", "{connection_file}"],
+        "display_name": "Python 3 (lora_sweep tests)", "language": "python",
+    }))
+    monkeypatch.setenv("JUPYTER_PATH", str(tmp / "jupyter"))
+    monkeypatch.setenv("JUPYTER_RUNTIME_DIR", str(tmp / "runtime"))
+    monkeypatch.setenv("IPYTHONDIR", str(tmp / "ipython"))
+    monkeypatch.setenv("MPLBACKEND", "module://matplotlib_inline.backend_inline")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", sorted(EXPECTED))
+def test_notebook_runs_headless(
+    name: str, tiny_sweep: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    nbclient = pytest.importorskip("nbclient")
+    _kernel_env(tmp_path, monkeypatch)
+    figures = tmp_path / "figures"
+    monkeypatch.setenv("LORA_SWEEP_RESULTS", str(tiny_sweep))
+    monkeypatch.setenv("LORA_SWEEP_FIGURES", str(figures))
+    nb = nbformat.read(NOTEBOOKS / name, as_version=4)
+    # first cell: prove the kernel is this environment's Python
+    nb.cells.insert(0, nbformat.v4.new_code_cell("import sys; print(sys.prefix)"))
+    client = nbclient.NotebookClient(
+        nb, kernel_name="python3", timeout=300, allow_errors=False,
+        resources={"metadata": {"path": str(NOTEBOOKS)}},
+    )
+    client.execute()  # a cell that raises fails the test (CellExecutionError)
+
+    assert nb.cells[0].outputs[0]["text"].strip() == sys.prefix
+    outputs = [o for c in nb.cells if c.cell_type == "code" for o in c.outputs]
+    assert not [o for o in outputs if o["output_type"] == "error"]
+    images = [o for o in outputs if "image/png" in o.get("data", {})]
+    assert len(images) >= MIN_IMAGES[name]
+    assert {p.stem for p in figures.glob("*.png")} == EXPECTED[name]
+    text = "".join(o.get("text", "") for o in outputs if o["output_type"] == "stream")
+    assert "Traceback" not in text
