@@ -90,15 +90,17 @@ def preflight(argv: list[str]) -> None:
         parsed = OverridesParser.create().parse_overrides(overrides=overrides)
     except Exception as err:  # noqa: BLE001 - Hydra raises its own OverrideParseException
         raise ConfigError(f"bad override: {error_line(err)}") from err
-    # sweep expressions (choice, range, ...) are the sweeper's to check; compose the rest
-    fixed = [o.input_line for o in parsed if not (multirun and o.is_sweep_override()) and not o.key_or_group.startswith("hydra")]
+    # sweep expressions (choice, range, ...) are the sweeper's to check; compose the rest, the
+    # hydra.* ones too (e.g. hydra/sweeper/sampler=foo is refused here in one line)
+    fixed = [o.input_line for o in parsed if not (multirun and o.is_sweep_override())]
     conf_dir = Path(where.get("config_path", config_dir())).absolute()
     if not conf_dir.is_dir():
         return  # a user config dir given relative to a script; Hydra reports it
     GlobalHydra.instance().clear()
     try:
         with initialize_config_dir(config_dir=str(conf_dir), version_base="1.3"):
-            cfg = compose(config_name=where.get("config_name", "config"), overrides=fixed)
+            cfg = compose(config_name=where.get("config_name", "config"), overrides=fixed, return_hydra_config=True)
+            cfg = OmegaConf.masked_copy(cfg, [key for key in cfg if key != "hydra"])
             container = OmegaConf.to_container(cfg, resolve=True)
     except ConfigError:
         raise

@@ -18,6 +18,7 @@ DTYPES = ("float32", "bfloat16", "float16")
 TEMPLATES = ("alpaca", "plain")
 PADDINGS = ("longest", "max_length")
 LR_SCHEDULERS = ("cosine", "linear", "constant")
+PRECISIONS = ("auto", "fp32", "bf16")
 MIN_MAX_LENGTH = 8
 
 
@@ -92,6 +93,7 @@ class DataConfig:
     max_length: int = 256
     mask_prompt: bool = False
     padding: str = "longest"
+    group_by_length: bool = False
 
     def __post_init__(self) -> None:
         _check_optional_path("data.path", self.path)
@@ -99,6 +101,7 @@ class DataConfig:
         _check_int("data.max_length", self.max_length, MIN_MAX_LENGTH, "256")
         _check_bool("data.mask_prompt", self.mask_prompt)
         _check_choice("data.padding", self.padding, PADDINGS)
+        _check_bool("data.group_by_length", self.group_by_length)
 
 
 @dataclass(frozen=True)
@@ -144,6 +147,7 @@ class TrainConfig:
     min_improvement: float = 0.05
     device: str = "auto"
     log_every: int = 10
+    precision: str = "auto"
 
     def __post_init__(self) -> None:
         _check_float("train.lr", self.lr, low=0.0, low_open=True, high=10.0, example="1e-3")
@@ -164,6 +168,7 @@ class TrainConfig:
         if not (device in ("auto", "cpu", "cuda") or (isinstance(device, str) and device.startswith("cuda:"))):
             _fail("train.device", "auto, cpu, cuda or cuda:N", device, "auto")
         _check_int("train.log_every", self.log_every, 1, "10")
+        _check_choice("train.precision", self.precision, PRECISIONS)
 
 
 @dataclass(frozen=True)

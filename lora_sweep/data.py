@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, Sampler
 
 log = logging.getLogger(__name__)
 
@@ -225,10 +225,54 @@ class Collator:
         }
 
 
+class LengthGroupedBatchSampler(Sampler[list[int]]):
+    """Batches of similar-length examples, in a shuffled order that depends only on `seed`.
+
+    Each epoch: a random permutation of all indices, cut into mega-batches of
+    `batch_size * megabatch_factor` indices; each mega-batch is sorted by length (longest
+    first) and cut into batches; the batch order of the whole epoch is then shuffled. Every
+    example appears exactly once per epoch (the last batch of a mega-batch may be short, as
+    with `drop_last=False`). Per-batch padding then pads each batch only to its own longest
+    example, so little compute goes to padding. One generator is drawn from epoch after
+    epoch, so epoch 2 differs from epoch 1 and the whole sequence is fixed by the seed.
+    """
+
+    def __init__(self, lengths: Sequence[int], batch_size: int, *, seed: int, megabatch_factor: int = 50) -> None:
+        if batch_size < 1 or megabatch_factor < 1:
+            raise ValueError("batch_size and megabatch_factor must be >= 1")
+        self.lengths = torch.tensor(list(lengths), dtype=torch.long)
+        self.batch_size = batch_size
+        self.megabatch = batch_size * megabatch_factor
+        self.generator = torch.Generator().manual_seed(seed)
+
+    def __len__(self) -> int:
+        n = len(self.lengths)
+        full, rest = divmod(n, self.megabatch)
+        return full * -(-self.megabatch // self.batch_size) + -(-rest // self.batch_size)
+
+    def __iter__(self) -> Iterator[list[int]]:
+        perm = torch.randperm(len(self.lengths), generator=self.generator)
+        batches: list[list[int]] = []
+        for mega in perm.split(self.megabatch):
+            # stable sort: equal lengths keep their (random) permutation order
+            order = torch.sort(self.lengths[mega], descending=True, stable=True).indices
+            batches.extend(chunk.tolist() for chunk in mega[order].split(self.batch_size))
+        for i in torch.randperm(len(batches), generator=self.generator).tolist():
+            yield batches[i]
+
+
 def make_dataloader(
-    dataset: SanityDataset, collator: Collator, *, batch_size: int, seed: int
+    dataset: SanityDataset, collator: Collator, *, batch_size: int, seed: int, group_by_length: bool = False
 ) -> DataLoader:
-    """A shuffling DataLoader whose order depends only on `seed`."""
+    """A shuffling DataLoader whose order depends only on `seed`.
+
+    `group_by_length` batches similar lengths together (`LengthGroupedBatchSampler`); with
+    per-batch padding it trains on far fewer pad tokens than a uniform shuffle.
+    """
+    if group_by_length:
+        lengths = [len(e.input_ids) for e in dataset.examples]
+        sampler = LengthGroupedBatchSampler(lengths, batch_size, seed=seed)
+        return DataLoader(dataset, batch_sampler=sampler, collate_fn=collator)
     generator = torch.Generator().manual_seed(seed)
     return DataLoader(dataset, batch_size=batch_size, shuffle=True, collate_fn=collator, generator=generator)
 

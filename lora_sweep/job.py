@@ -21,7 +21,8 @@ from omegaconf import DictConfig, OmegaConf
 
 from lora_sweep.config import RunConfig
 from lora_sweep.metrics import compute_metrics
-from lora_sweep.results import append_row
+from lora_sweep.faults import crash_point
+from lora_sweep.results import PAYLOAD_CSV_KEY, append_row
 from lora_sweep.train import StepHook, StepRecord
 
 log = logging.getLogger("lora_sweep")
@@ -64,7 +65,9 @@ def run_job(cfg: DictConfig) -> dict[str, Any]:
     row = result.csv_row(run_cfg, **sweep_fields)
     payload = dict(row, constraint=result.metrics.get("constraint", 1.0))
     if reporter is not None:
-        reporter.record_result(payload)  # first: a sweep killed after this still finishes the trial
+        # first: a sweep killed after this still finishes the trial, and writes the row if missing
+        reporter.record_result(dict(payload, **{PAYLOAD_CSV_KEY: str(run_cfg.csv_path)}))
+        crash_point("after_record")
     append_row(run_cfg.csv_path, row)
     metrics = result.metrics
     log.info(
@@ -113,6 +116,7 @@ def _pruning_hook(reporter: Any, context: Any, run_cfg: RunConfig) -> StepHook:
         step = history[-1].step
         if value == value:  # NaN is never reported; the final result decides such a trial
             reporter.report(value, step)
+        crash_point("step")
         return reporter.should_prune()
 
     return hook

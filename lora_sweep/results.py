@@ -42,6 +42,9 @@ __all__ = [
 ]
 
 RESULTS_FILENAME = "lora_tuning_results.csv"
+# Key of a sweep job's recorded result naming its CSV, so a sweep that finishes the trial
+# after a crash can write a row that is missing (see lora_sweep.sweep.runner).
+PAYLOAD_CSV_KEY = "results_csv"
 LOCK_TIMEOUT_S = 60.0
 
 COLUMN_DOCS: dict[str, str] = {
@@ -199,8 +202,11 @@ def _check_existing(csv_path: Path) -> tuple[bool, bool]:
 
 def _append_bytes(csv_path: Path, payload: bytes) -> None:
     """One O_APPEND write (looped only if the OS returns a short write), then fsync."""
+    from lora_sweep.faults import torn_write
+
     fd = os.open(csv_path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
     try:
+        torn_write("csv_write", lambda data: os.write(fd, data), payload)  # tests only
         written = os.write(fd, payload)
         while written < len(payload):  # never expected for regular files
             written += os.write(fd, payload[written:])
@@ -209,20 +215,60 @@ def _append_bytes(csv_path: Path, payload: bytes) -> None:
         os.close(fd)
 
 
-def append_row(csv_path: Path, row: Mapping[str, object]) -> None:
+def _drop_torn_tail(csv_path: Path) -> int:
+    """Under the CSV lock: move a torn last line (an append whose writer was killed or lost
+    power mid-write; every complete record ends in '\\n') to ``<csv>.torn`` and truncate it
+    away, so it can neither stay as a corrupt row nor duplicate the row written again for the
+    same trial. Returns the number of bytes moved."""
+    try:
+        if csv_path.stat().st_size == 0:
+            return 0
+    except FileNotFoundError:
+        return 0
+    with open(csv_path, "r+b") as handle:
+        handle.seek(-1, os.SEEK_END)
+        if handle.read(1) == b"\n":
+            return 0
+        handle.seek(0)
+        data = handle.read()
+        keep = data.rfind(b"\n") + 1
+        with open(str(csv_path) + ".torn", "ab") as side:
+            side.write(data[keep:] + b"\n")
+        handle.truncate(keep)
+        handle.flush()
+        os.fsync(handle.fileno())
+    return len(data) - keep
+
+
+def _has_trial_row(csv_path: Path, cells: Sequence[str]) -> bool:
+    """Whether the CSV already holds a row of the same study and trial as ``cells``."""
+    s_idx, t_idx = CSV_COLUMNS.index("study_name"), CSV_COLUMNS.index("trial_number")
+    key = (cells[s_idx], cells[t_idx])
+    if not key[0] or not key[1]:
+        return False
+    with open(csv_path, newline="", encoding="utf-8", errors="replace") as handle:
+        return any(len(r) == len(CSV_COLUMNS) and (r[s_idx], r[t_idx]) == key for r in csv.reader(handle))
+
+
+def append_row(csv_path: Path, row: Mapping[str, object], *, once: bool = False) -> None:
     """Append one run's row to the results CSV, safely across processes.
 
     Writes the header when the file is absent or empty, refuses a file with a
     foreign header or a row with unknown keys (ResultsError, file untouched), and
-    starts on a fresh line if a previous write was torn.
+    first drops a torn last line left by a killed writer (kept in ``<csv>.torn``).
+    With ``once``, a sweep row is skipped when the file already has a row for the
+    same ``study_name`` and ``trial_number`` (a trial finished again after a crash).
     """
     csv_path = Path(csv_path)
-    line = _csv_line(_row_cells(row))
+    cells = _row_cells(row)
+    line = _csv_line(cells)
     csv_path.parent.mkdir(parents=True, exist_ok=True)
     with FileLock(str(csv_path) + ".lock", timeout=LOCK_TIMEOUT_S):
-        has_content, ends_with_newline = _check_existing(csv_path)
-        prefix = "" if ends_with_newline else "\n"
-        payload = (prefix + line) if has_content else (_HEADER_LINE + line)
+        _drop_torn_tail(csv_path)
+        has_content, _ = _check_existing(csv_path)
+        if once and has_content and _has_trial_row(csv_path, cells):
+            return
+        payload = line if has_content else (_HEADER_LINE + line)
         _append_bytes(csv_path, payload.encode("utf-8"))
 
 

@@ -21,6 +21,12 @@ from lora_sweep.data import IGNORE_INDEX
 from lora_sweep.model import ModelError, verify_kv_expansion
 
 
+# Checks of the base model and the code path (not of the adapter): with lora_B = 0 at init the
+# adapted model computes exactly the base model, so these pass or fail per base model. A
+# trial on a cached base model that already passed them reuses their details (`model_checks`).
+MODEL_LEVEL_CHECKS = ("kv_expansion", "eager_matches_sdpa", "padding_invariance")
+
+
 class SelfCheckError(RuntimeError):
     """A self-check failed; `check` names it."""
 
@@ -109,31 +115,72 @@ def check_padding_invariance(model: nn.Module, batch: Mapping[str, torch.Tensor]
     return f"row with {n_pad} pads equals itself unpadded (max diff {diff:.2g})"
 
 
-def check_first_backward(model: nn.Module, batch: Mapping[str, torch.Tensor], vocab_size: int) -> str:
-    loss = model(**batch).loss
-    value = float(loss.detach())
+def check_initial_loss(value: float, vocab_size: int) -> None:
     upper = 2.0 * math.log(vocab_size) + 1.0
     if not math.isfinite(value) or not 1e-3 < value < upper:
         raise SelfCheckError(
             "initial_loss",
             f"initial loss {value:.4g} is not plausible (expected finite, between 0.001 and {upper:.3g} = 2 ln|V| + 1)",
         )
-    loss.backward()
+
+
+def check_lora_b_gradients(model: nn.Module) -> float:
+    """The total norm of the lora_B gradients after a first backward; refuses zero or non-finite."""
     grads = [p.grad for name, p in model.named_parameters() if "lora_B" in name and p.grad is not None]
+    if not grads:
+        raise SelfCheckError("lora_b_gradients", "no lora_B parameter received a gradient")
+    norm = float(torch.linalg.vector_norm(torch.stack([g.float().norm() for g in grads])))
+    if not math.isfinite(norm) or norm == 0.0:
+        raise SelfCheckError("lora_b_gradients", f"lora_B gradient norm is {norm} after the first backward")
+    return norm
+
+
+def _first_backward_detail(value: float, norm: float, vocab_size: int, where: str = "") -> str:
+    return f"initial loss {value:.4f} (ln|V| = {math.log(vocab_size):.3f}); lora_B grad norm {norm:.3g}{where}"
+
+
+def check_first_backward(model: nn.Module, batch: Mapping[str, torch.Tensor], vocab_size: int) -> str:
+    loss = model(**batch).loss
+    value = float(loss.detach())
+    check_initial_loss(value, vocab_size)
+    loss.backward()
     try:
-        if not grads:
-            raise SelfCheckError("lora_b_gradients", "no lora_B parameter received a gradient")
-        norm = float(torch.linalg.vector_norm(torch.stack([g.float().norm() for g in grads])))
-        if not math.isfinite(norm) or norm == 0.0:
-            raise SelfCheckError("lora_b_gradients", f"lora_B gradient norm is {norm} after the first backward")
+        norm = check_lora_b_gradients(model)
     finally:
         model.zero_grad(set_to_none=True)
-    return f"initial loss {value:.4f} (ln|V| = {math.log(vocab_size):.3f}); lora_B grad norm {norm:.3g}"
+    return _first_backward_detail(value, norm, vocab_size)
 
 
-def run_self_check(model: nn.Module, batch: Mapping[str, torch.Tensor], *, vocab_size: int) -> SelfCheckReport:
+class FirstStepCheck:
+    """The `first_backward` check run on the training loop's own first step (after its backward,
+    before its optimizer step) instead of on an extra forward/backward of the probe batch: the
+    same checks at no extra compute. Reads only; the detail lands in `details["first_backward"]`."""
+
+    def __init__(self, details: dict[str, str], vocab_size: int) -> None:
+        self.details, self.vocab_size = details, vocab_size
+
+    def __call__(self, model: nn.Module, loss_value: float) -> None:
+        check_initial_loss(loss_value, self.vocab_size)
+        norm = check_lora_b_gradients(model)
+        self.details["first_backward"] = _first_backward_detail(
+            loss_value, norm, self.vocab_size, " (on the first training step)"
+        )
+
+
+def run_self_check(
+    model: nn.Module,
+    batch: Mapping[str, torch.Tensor],
+    *,
+    vocab_size: int,
+    model_checks: Mapping[str, str] | None = None,
+    first_backward: bool = True,
+) -> SelfCheckReport:
     """Run every check on the peft-wrapped `model` with a padded probe `batch` already on its device.
 
+    `model_checks`: the details of the `MODEL_LEVEL_CHECKS` this base model already passed in
+    this process; they are reported (marked cached) instead of run again. The per-trial checks
+    (labels, trainable parameters, first backward through the fresh adapter) always run;
+    `first_backward=False` leaves the last to the training loop's first step (`FirstStepCheck`).
     Raises `SelfCheckError` naming the first failed check.
     """
     start = time.perf_counter()
@@ -143,16 +190,22 @@ def run_self_check(model: nn.Module, batch: Mapping[str, torch.Tensor], *, vocab
     with torch.random.fork_rng(devices=devices):
         report.details["labels_ignore_padding"] = check_labels_ignore_padding(batch)
         report.details["only_lora_trainable"] = check_only_lora_trainable(model)
-        try:
-            report.details["kv_expansion"] = verify_kv_expansion(model.get_base_model())
-        except ModelError as err:
-            raise SelfCheckError("kv_expansion", str(err)) from err
-        model.eval()
-        with torch.no_grad():
-            report.details["eager_matches_sdpa"] = check_eager_matches_sdpa(model, batch)
-            report.details["padding_invariance"] = check_padding_invariance(model, batch)
+        if model_checks is not None and all(k in model_checks for k in MODEL_LEVEL_CHECKS):
+            for name in MODEL_LEVEL_CHECKS:
+                detail = model_checks[name]
+                report.details[name] = detail if detail.startswith("cached: ") else f"cached: {detail}"
+        else:
+            try:
+                report.details["kv_expansion"] = verify_kv_expansion(model.get_base_model())
+            except ModelError as err:
+                raise SelfCheckError("kv_expansion", str(err)) from err
+            model.eval()
+            with torch.no_grad():
+                report.details["eager_matches_sdpa"] = check_eager_matches_sdpa(model, batch)
+                report.details["padding_invariance"] = check_padding_invariance(model, batch)
         model.train()
-        report.details["first_backward"] = check_first_backward(model, batch, vocab_size)
+        if first_backward:
+            report.details["first_backward"] = check_first_backward(model, batch, vocab_size)
     model.train(was_training)
     report.seconds = time.perf_counter() - start
     return report

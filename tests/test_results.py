@@ -171,7 +171,7 @@ def test_missing_keys_are_empty_and_newlines_flattened(csv_path: Path) -> None:
     assert all(value == "" for key, value in row.items() if key not in ("run_id", "reason"))
 
 
-def test_torn_last_line_starts_fresh_row(csv_path: Path) -> None:
+def test_torn_last_line_is_dropped_and_kept_aside(csv_path: Path) -> None:
     append_row(csv_path, {"run_id": "first"})
     with open(csv_path, "ab") as handle:
         handle.write(b",torn-run,,,,ok,partial")  # a write that died mid-line
@@ -180,8 +180,8 @@ def test_torn_last_line_starts_fresh_row(csv_path: Path) -> None:
     assert text.endswith("\n")
     rows = records(csv_path)
     assert rows[-1][1] == "after" and len(rows[-1]) == len(CSV_COLUMNS)
-    assert rows[-2][:2] == ["", "torn-run"]
-    assert read_rows(csv_path)["run_id"].tolist() == ["first", "torn-run", "after"]
+    assert read_rows(csv_path)["run_id"].tolist() == ["first", "after"]  # no corrupt row remains
+    assert Path(str(csv_path) + ".torn").read_bytes() == b",torn-run,,,,ok,partial\n"
 
 
 # --------------------------------------------------------------------- concurrency

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 import shlex
-import shutil
 import signal
 import subprocess
 import sys
@@ -88,16 +87,17 @@ def test_pruned_trials_end_pruned_in_study_and_csv(tmp_path: Path) -> None:
 
 def test_diverging_trials_fail_with_reason_and_the_sweep_goes_on(tmp_path: Path) -> None:
     proc = run_cli("-m", f"results_dir={tmp_path}", "hydra.sweeper.n_trials=3", "hydra.sweeper.max_failure_rate=1.0",
-                   "hydra/sweeper/pruner=none", "train.lr=choice(3e-3, 8.0)",
-                   "train.max_grad_norm=1e9", *SWEEP_TINY)
+                   "hydra/sweeper/pruner=none", "train.lr=choice(3e-3, 10.0)",  # 10: the largest lr allowed
+                   "train.max_grad_norm=1e9", "train.lr_scheduler=constant", *SWEEP_TINY,
+                   "lora.r=8", "lora.alpha=16", "hydra.sweeper.custom_search_space=null")  # only lr varies
     assert proc.returncode == 0, proc.stderr[-3000:]
     trials = real_trials(load_study(tmp_path))
     assert len(trials) == 3
     for t in trials:
-        if t.params["train.lr"] == 8.0:
+        if t.params["train.lr"] == 10.0:
             assert t.state.name == "FAIL" and t.user_attrs["status"] == "diverged" and t.user_attrs["reason"]
     rows = read_rows(tmp_path / "lora_tuning_results.csv")
-    assert len(rows) == 3 and set(rows.loc[rows["train.lr"] == 8.0, "state"]) <= {"FAIL"}
+    assert len(rows) == 3 and set(rows.loc[rows["train.lr"] == 10.0, "state"]) <= {"FAIL"}
 
 
 def test_kill_9_mid_sweep_then_rerun_reaches_target_without_duplicates(tmp_path: Path) -> None:
@@ -137,34 +137,3 @@ def test_export_rebuilds_the_csv_from_the_study(tmp_path: Path) -> None:
                              capture_output=True, text=True, cwd=REPO)
     assert missing.returncode == 2 and "no study storage" in missing.stderr
 
-
-@pytest.fixture(scope="module")
-def one_trial_sweep(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    results = tmp_path_factory.mktemp("one_trial") / "results"
-    assert run_cli("-m", f"results_dir={results}", "hydra.sweeper.n_trials=1", *SWEEP_TINY).returncode == 0
-    return results
-
-
-@pytest.mark.parametrize(
-    "bad,message",
-    [
-        (["data=alpaca", "data.path={tmp}/broken.json"], "is not valid JSON"),
-        (["model=local", "model.path={tmp}/no_checkpoint"], "is not a directory"),
-        (["lora.r=choice(4,"], "bad override"),
-        (["train.lr=tag(log, interval(0, 1e-2))"], "log"),
-        (["lora.r=range(8, 4)"], "range"),
-    ],
-)
-def test_bad_sweep_input_leaves_study_and_csv_untouched(
-    one_trial_sweep: Path, tmp_path: Path, bad: list[str], message: str
-) -> None:
-    results = tmp_path / "results"
-    shutil.copytree(one_trial_sweep, results)
-    (tmp_path / "broken.json").write_text('[{"instruction": "x"')
-    before = {p: p.read_bytes() for p in (results / "lora_tuning_results.csv", results / "optuna_journal.log")}
-    proc = run_cli("-m", f"results_dir={results}", "hydra.sweeper.n_trials=3", *SWEEP_TINY,
-                   *[b.format(tmp=tmp_path) for b in bad])
-    assert proc.returncode != 0
-    lines = [line for line in proc.stderr.splitlines() if line.strip()]
-    assert len(lines) == 1 and message in lines[0], proc.stderr
-    assert {p: p.read_bytes() for p in before} == before

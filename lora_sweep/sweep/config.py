@@ -132,6 +132,9 @@ class LoraSweepSweeperConf:
     # Optuna storage: URL (sqlite:///..., postgresql://...) or journal file path;
     # null -> <results_dir>/optuna_journal.log if the app has results_dir, else in the sweep dir
     storage: Optional[str] = None
+    # SQLAlchemy create_engine options for an RDB storage (pool_size, pool_pre_ping, connect_args,
+    # ...), merged over lora_sweep.sweep.study.SERVER_ENGINE_KWARGS (servers) or the SQLite timeout
+    engine_kwargs: Any = None
     # null -> hydra.job.name
     study_name: Optional[str] = None
     # plain-float apps: minimize | maximize (or a list for a returned sequence of floats)

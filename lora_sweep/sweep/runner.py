@@ -32,6 +32,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from lora_sweep.faults import crash_point
 from lora_sweep.sweep import study as study_mod
 from lora_sweep.sweep.context import ATTR_JOB_RESULT, STUDY_ATTR_PRUNER, TrialContext
 from lora_sweep.sweep.objective import (
@@ -126,6 +127,33 @@ def app_command(argv: Sequence[str] | None = None, python: str = "python") -> li
                 i += 1
         i += 1
     return cmd
+
+
+def _storage_error(storage: str, exc: BaseException) -> str:
+    """One line saying why the storage cannot be opened (password redacted) and what to do."""
+    text = str(exc).strip()
+    first = text.splitlines()[0].strip() if text else type(exc).__name__
+    if isinstance(exc, ImportError) or isinstance(exc.__cause__, ImportError):
+        cause = exc.__cause__ if isinstance(exc.__cause__, ImportError) else exc
+        hint = f"no database driver ({cause}); install it, e.g. pip install 'lora-sweep[postgres]'"
+        return f"cannot open the study storage {study_mod.redact(storage)}: {hint}"
+    if isinstance(exc, PermissionError):
+        hint = "the directory is not writable; choose another results_dir or hydra.sweeper.storage"
+    elif study_mod.is_journal(storage):
+        hint = "check the path of hydra.sweeper.storage"
+    else:
+        hint = "is the database server running and reachable, and the URL right?"
+    return f"cannot open the study storage {study_mod.redact(storage)}: {first} ({hint})"
+
+
+def _append_recorded_row(recorded: Mapping[str, Any]) -> None:
+    """Write the CSV row of a trial finished from its job's recorded result, unless the job had
+    written it before the sweep died (lora_sweep jobs record the CSV path with their result)."""
+    from lora_sweep.results import CSV_COLUMNS, PAYLOAD_CSV_KEY, append_row
+
+    csv_path = recorded.get(PAYLOAD_CSV_KEY)
+    if csv_path:
+        append_row(Path(str(csv_path)), {k: recorded.get(k) for k in CSV_COLUMNS}, once=True)
 
 
 def _load_hook(path: str) -> Callable[[Any, Any], Any]:
@@ -236,13 +264,19 @@ class SweepRunner:
         import optuna
 
         pruner_cfg = pruner_config(_setting(self.settings, "pruner"))
-        self.study = study_mod.open_study(
-            storage=self.storage,
-            study_name=self.study_name,
-            directions=self.spec.directions,
-            sampler=optuna.samplers.RandomSampler(seed=0),
-            pruner=build_pruner(pruner_cfg),
-        )
+        try:
+            self.study = study_mod.open_study(
+                storage=self.storage,
+                study_name=self.study_name,
+                directions=self.spec.directions,
+                sampler=optuna.samplers.RandomSampler(seed=0),
+                pruner=build_pruner(pruner_cfg),
+                engine_kwargs=_plain(_setting(self.settings, "engine_kwargs")),
+            )
+        except study_mod.StudyMismatchError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - driver, network, permission: one line, not a traceback
+            raise SweepError(_storage_error(self.storage, exc)) from exc
         if self.worker_id == 0:
             stale = study_mod.recover_stale(self.study, finish=self._finish_recorded)
             if stale:
@@ -269,7 +303,7 @@ class SweepRunner:
         study.set_user_attr("sweep.search_space", self.space.describe())
         study.set_user_attr("sweep.objective", dict(zip(self.spec.metric_names, self.spec.directions)))
         study.set_user_attr("sweep.base_config", OmegaConf.to_yaml(self._app_config(), resolve=False))
-        study.set_user_attr("sweep.command", shlex.join(self.argv))
+        study.set_user_attr("sweep.command", shlex.join(study_mod.redact(a) for a in self.argv))  # no passwords
         for params in _plain(_setting(self.settings, "enqueue", [])) or []:
             study.enqueue_trial(dict(params), skip_if_exists=True)
 
@@ -351,6 +385,7 @@ class SweepRunner:
         if not isinstance(recorded, Mapping) or self.spec is None:
             return False
         self._tell(optuna.trial.Trial(self.study, frozen._trial_id), outcome_from_return(dict(recorded), self.spec))
+        _append_recorded_row(recorded)
         log.warning("[trial %d] finished from the result its job recorded before the sweep stopped", frozen.number)
         return True
 
@@ -375,6 +410,8 @@ class SweepRunner:
             )
 
     def _loop(self, target: int, batch_size: int) -> None:
+        from optuna.exceptions import UpdateFinishedTrialError
+
         while True:
             self._check_failure_rate()
             p = study_mod.progress(self.study)
@@ -390,8 +427,12 @@ class SweepRunner:
                     self._tell(trial, outcome_from_exception(exc))
                 raise
             returns = list(returns) + [None] * (len(trials) - len(returns))
+            crash_point("before_tell")
             for trial, job_return in zip(trials, returns):
-                self._tell(trial, self._outcome(job_return))
+                try:
+                    self._tell(trial, self._outcome(job_return))
+                except UpdateFinishedTrialError:  # another process judged this worker dead
+                    log.warning("[trial %d] was finished by another process; result not recorded", trial.number)
 
     # ----------------------------------------------------------------- workers
     def _spawn_workers(self, n_workers: int, threads: int) -> list[subprocess.Popen[bytes]]:
@@ -423,8 +464,8 @@ class SweepRunner:
         n_jobs = max(1, int(_setting(self.settings, "n_jobs", 1)))
         p = study_mod.progress(self.study)
         if self.worker_id == 0:
-            print(f"[lora_sweep] study '{self.study_name}' in {self.storage}", flush=True)
-            print(f"[lora_sweep] dashboard: {study_mod.dashboard_command(self.storage)}", flush=True)
+            print(f"[lora_sweep] study '{self.study_name}' in {study_mod.redact(self.storage)}", flush=True)
+            print(f"[lora_sweep] dashboard: {study_mod.dashboard_command(study_mod.redact(self.storage))}", flush=True)
             print(f"[lora_sweep] {p.finished} of n_trials={target} trials already finished", flush=True)
         if p.finished >= target:
             if self.worker_id == 0:

@@ -9,7 +9,12 @@ optuna-dashboard opens both. Any Optuna storage URL is accepted as well:
 * ``sqlite:///rel/or/abs.db`` (relative paths made absolute; 60 s lock timeout),
   ``postgresql://...``, ``mysql://...`` (anything with ``://``) -> ``RDBStorage``;
 * a path ending in ``.db``/``.sqlite``/``.sqlite3`` -> SQLite at that (absolute) path;
-* any other path -> journal file at that (absolute) path.
+* any other path -> journal file at that (absolute) path (its appends first drop a record torn
+  by a killed writer, see ``_repairing_backend_class``).
+
+RDB storages are opened once per process and settings (one connection pool per worker);
+server databases get ``SERVER_ENGINE_KWARGS`` (pre-ping, small pool), overridable with
+``hydra.sweeper.engine_kwargs``; a bare ``postgresql://`` uses whichever driver is installed.
 
 Trial bookkeeping kept in trial user attributes (all visible in the dashboard):
 ``status`` (success | pruned | failed | diverged | oom | stale | penalty), ``reason``,
@@ -21,8 +26,11 @@ samplers learn to avoid it; not counted either).
 
 from __future__ import annotations
 
+import datetime
+import functools
 import math
 import os
+import time
 import socket
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -36,6 +44,8 @@ ATTR_WORKER = "worker"
 ATTR_STALE = "stale"
 ATTR_PENALTY_FOR = "penalty_for_trial"
 _SQLITE_SUFFIXES = (".db", ".sqlite", ".sqlite3")
+# A RUNNING trial without a worker attr is stale only this long after its start (see recover_stale).
+NO_WORKER_GRACE_S = 300.0
 
 
 class StudyMismatchError(ValueError):
@@ -79,30 +89,166 @@ def is_journal(storage: str) -> bool:
     return "://" not in storage
 
 
-def open_storage(storage: str) -> Any:
-    """Builds the Optuna storage object for a normalized storage string."""
+# Connection-pool defaults for server databases (PostgreSQL, MySQL): test a pooled connection
+# before use (a sweep outlives server restarts and idle-connection cuts between machines) and
+# renew connections hourly. One sweep process uses one connection at a time, so a small pool
+# keeps K workers x (sweeper + trial reporter) well below the server's max_connections.
+SERVER_ENGINE_KWARGS: dict[str, Any] = {
+    "pool_pre_ping": True, "pool_recycle": 3600, "pool_size": 2, "max_overflow": 2,
+}
+SQLITE_TIMEOUT_S = 60
+
+
+def _with_driver(url: str) -> str:
+    """``postgresql://`` with the PostgreSQL driver that is installed.
+
+    SQLAlchemy 2.1 maps a bare ``postgresql://`` to psycopg 3; the project's ``postgres`` extra
+    installs psycopg2 (``psycopg2-binary``). Use psycopg2 when psycopg 3 is absent. An explicit
+    driver (``postgresql+psycopg://``, ``postgresql+psycopg2://``) is kept as given.
+    """
+    import importlib.util
+
+    if url.startswith("postgresql://") and importlib.util.find_spec("psycopg") is None:
+        if importlib.util.find_spec("psycopg2") is not None:
+            return "postgresql+psycopg2://" + url[len("postgresql://") :]
+    return url
+
+
+def redact(storage: str) -> str:
+    """The storage (or a command-line argument holding it) for messages, logs and study attrs: a
+    URL's password replaced by ``***``. Better still, keep passwords out of URLs (PGPASSWORD or
+    ~/.pgpass are read by the driver)."""
+    if "://" not in storage or "@" not in storage:
+        return storage
+    scheme, _, rest = storage.partition("://")
+    creds, at, host = rest.rpartition("@")
+    user, colon, _password = creds.partition(":")
+    return f"{scheme}://{user}{':***' if colon else ''}{at}{host}"
+
+
+def _drop_torn_tail(path: str) -> int:
+    """Truncates a journal file after its last ``\\n``; returns the bytes dropped. Call it under
+    the journal lock: then a file not ending in ``\\n`` can only be an append whose writer died
+    (Optuna writes whole ``\\n``-terminated JSON lines), a record that was never committed."""
+    with open(path, "r+b") as handle:
+        handle.seek(0, os.SEEK_END)
+        if handle.tell() == 0:
+            return 0
+        handle.seek(-1, os.SEEK_END)
+        if handle.read(1) == b"\n":
+            return 0
+        handle.seek(0)
+        data = handle.read()
+        keep = data.rfind(b"\n") + 1
+        handle.truncate(keep)
+        handle.flush()
+        os.fsync(handle.fileno())
+    import logging
+
+    logging.getLogger(__name__).warning(
+        "Dropped a torn last record (%d bytes) of %s left by a killed writer", len(data) - keep, path
+    )
+    return len(data) - keep
+
+
+@functools.cache
+def _repairing_backend_class() -> type:
+    """Optuna's journal file backend whose appends first drop a torn last record.
+
+    Left in place, a record torn by a writer killed mid-append (a multi-page write can be cut
+    short by SIGKILL, or by a power loss) would be glued to the next record, and the journal
+    would no longer load in any process. The check costs one 1-byte read per append.
+    """
+    import json
+
+    from optuna.storages.journal import JournalFileBackend
+
+    from lora_sweep.faults import torn_write
+
+    class RepairingJournalFileBackend(JournalFileBackend):
+        def append_logs(self, logs: list[dict[str, Any]]) -> None:
+            payload = ("\n".join(json.dumps(log, separators=(",", ":")) for log in logs) + "\n").encode("utf-8")
+
+            def write(data: bytes) -> None:
+                with open(self._file_path, "ab") as handle:
+                    handle.write(data)
+                    handle.flush()
+                    os.fsync(handle.fileno())
+
+            torn_write("journal_write", write, payload)  # crash tests only (not under the lock)
+            self._lock.acquire()
+            try:
+                _drop_torn_tail(self._file_path)
+                write(payload)
+            finally:
+                self._lock.release()
+
+    return RepairingJournalFileBackend
+
+
+def open_storage(storage: str, engine_kwargs: dict[str, Any] | None = None) -> Any:
+    """Builds the Optuna storage object for a normalized storage string.
+
+    Args:
+        storage: Normalized storage (see :func:`normalize_storage`).
+        engine_kwargs: SQLAlchemy ``create_engine`` options for an RDB storage, merged over
+            the defaults (SQLite: a 60 s lock timeout; servers: :data:`SERVER_ENGINE_KWARGS`).
+    """
     import optuna
 
     if is_journal(storage):
-        from optuna.storages.journal import JournalFileBackend, JournalStorage
+        from optuna.storages.journal import JournalStorage
 
         Path(storage).parent.mkdir(parents=True, exist_ok=True)
-        return JournalStorage(JournalFileBackend(storage))
+        return JournalStorage(_repairing_backend_class()(storage))
+    # One RDB storage (one connection pool) per process and settings: a sweep worker opens the
+    # study again for every trial's reporter, and new engines per trial would pile up connections
+    # (measured: ~6 per worker on PostgreSQL without this, 8 workers -> 50 connections).
+    key = (os.getpid(), storage, repr(sorted((engine_kwargs or {}).items())))
+    cached = _RDB_STORAGES.get(key)
+    if cached is not None:
+        return cached
     if storage.startswith("sqlite:///"):
         db = storage[len("sqlite:///") :]
         if db and db != ":memory:":
             Path(db).parent.mkdir(parents=True, exist_ok=True)
-        return optuna.storages.RDBStorage(
-            url=storage, engine_kwargs={"connect_args": {"timeout": 60}}
-        )
-    return optuna.storages.RDBStorage(url=storage)
+        kwargs: dict[str, Any] = {"connect_args": {"timeout": SQLITE_TIMEOUT_S}}
+        kwargs.update(engine_kwargs or {})
+        url = storage
+    else:
+        kwargs = dict(SERVER_ENGINE_KWARGS)
+        kwargs.update(engine_kwargs or {})
+        url = _with_driver(storage)
+    rdb = _create_with_retry(lambda: optuna.storages.RDBStorage(url=url, engine_kwargs=kwargs))
+    if not storage.endswith(":memory:"):  # an in-memory database stays private to its opener
+        _RDB_STORAGES[key] = rdb
+    return rdb
+
+
+_RDB_STORAGES: dict[tuple[int, str, str], Any] = {}
+
+
+def _create_with_retry(create: Callable[[], Any], attempts: int = 5) -> Any:
+    """Workers that start together on a fresh database all create Optuna's tables at once, and
+    all but one fail on a duplicate type or table; the tables exist when they try again."""
+    from sqlalchemy.exc import IntegrityError, OperationalError, ProgrammingError
+
+    for attempt in range(attempts):
+        try:
+            return create()
+        except (IntegrityError, OperationalError, ProgrammingError) as exc:
+            racing = not isinstance(exc, OperationalError) or "already exists" in str(exc)
+            if not racing or attempt == attempts - 1:
+                raise
+            time.sleep(0.2 * (attempt + 1))
+    raise AssertionError("unreachable")  # pragma: no cover
 
 
 def dashboard_command(storage: str) -> str:
-    """The exact optuna-dashboard command for this storage."""
+    """The exact optuna-dashboard command for this storage (with the installed PostgreSQL driver)."""
     import shlex
 
-    return f"optuna-dashboard {shlex.quote(storage)}"
+    return f"optuna-dashboard {shlex.quote(_with_driver(storage))}"
 
 
 def open_study(
@@ -112,22 +258,37 @@ def open_study(
     directions: Sequence[str],
     sampler: Any = None,
     pruner: Any = None,
+    engine_kwargs: dict[str, Any] | None = None,
 ) -> Any:
-    """Creates or loads (``load_if_exists``) the study and checks its directions match."""
+    """Creates or loads (``load_if_exists``) the study and checks its directions match.
+
+    Optuna's own INFO line ("A new study created" / "Using an existing study") is silenced: the
+    sweep prints which study and storage it uses, and an error must stay one line.
+    """
     import optuna
 
-    study = optuna.create_study(
-        storage=open_storage(storage),
-        study_name=study_name,
-        directions=list(directions),
-        sampler=sampler,
-        pruner=pruner,
-        load_if_exists=True,
-    )
+    verbosity = optuna.logging.get_verbosity()
+    optuna.logging.set_verbosity(max(verbosity, optuna.logging.WARNING))
+    try:
+        backend = open_storage(storage, engine_kwargs)
+        try:  # load an existing study without writing: create_study appends to a journal even then
+            backend.get_study_id_from_name(study_name)
+            study = optuna.load_study(study_name=study_name, storage=backend, sampler=sampler, pruner=pruner)
+        except KeyError:
+            study = optuna.create_study(
+                storage=backend,
+                study_name=study_name,
+                directions=list(directions),
+                sampler=sampler,
+                pruner=pruner,
+                load_if_exists=True,
+            )
+    finally:
+        optuna.logging.set_verbosity(verbosity)
     existing = [d.name.lower() for d in study.directions]
     if existing != [d.lower() for d in directions]:
         raise StudyMismatchError(
-            f"Study '{study_name}' in {storage} has directions {existing}, but this sweep asks "
+            f"Study '{study_name}' in {redact(storage)} has directions {existing}, but this sweep asks "
             f"for {list(directions)}; use another hydra.sweeper.study_name or storage"
         )
     return study
@@ -195,10 +356,13 @@ def recover_stale(
 ) -> list[int]:
     """Marks trials left RUNNING by dead processes FAIL (stale) and re-queues their params.
 
-    A RUNNING trial is stale when its ``worker`` attr names this host and a dead pid (or has
-    no worker attr, or ``all_hosts``). Trials of live processes and of other hosts are left
-    alone, so several sweeps may share one study. ``finish(frozen) -> bool`` may finish a
-    dead process's trial itself (its job had recorded a result); such a trial is not stale.
+    A RUNNING trial is stale when its ``worker`` attr names this host and a dead pid, or has no
+    worker attr ``NO_WORKER_GRACE_S`` after it started (a worker sets it right after asking:
+    a fresh trial without it belongs to a live worker of a sweep that starts at the same time),
+    or ``all_hosts``. Trials of live processes and of other hosts are left alone, so several
+    sweeps may share one study. ``finish(frozen) -> bool`` may finish a dead process's trial
+    itself (its job had recorded a result); such a trial is not stale. Two processes recovering
+    at once on an RDB storage re-queue a trial once: only the one whose FAIL lands re-queues.
 
     Returns:
         The numbers of the trials marked stale.
@@ -206,7 +370,10 @@ def recover_stale(
     import optuna
     from optuna.trial import TrialState
 
+    from optuna.exceptions import UpdateFinishedTrialError
+
     host = socket.gethostname()
+    now = datetime.datetime.now()
     stale: list[int] = []
     for frozen in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
         worker = str(frozen.user_attrs.get(ATTR_WORKER, ""))
@@ -214,15 +381,21 @@ def recover_stale(
         if worker and not all_hosts:
             if w_host != host or not w_pid.isdigit() or _pid_alive(int(w_pid)):
                 continue
-        if finish is not None and finish(frozen):
-            continue
-        trial = optuna.trial.Trial(study, frozen._trial_id)
-        trial.set_user_attr(ATTR_STALE, True)
-        trial.set_user_attr(ATTR_STATUS, "stale")
-        trial.set_user_attr(
-            ATTR_REASON, f"left RUNNING by a sweep process that no longer exists ({worker})"
-        )
-        study.tell(frozen.number, state=TrialState.FAIL, skip_if_finished=True)
+        if not worker and not all_hosts and frozen.datetime_start is not None:
+            if (now - frozen.datetime_start).total_seconds() < NO_WORKER_GRACE_S:
+                continue
+        try:
+            if finish is not None and finish(frozen):
+                continue
+            trial = optuna.trial.Trial(study, frozen._trial_id)
+            trial.set_user_attr(ATTR_STALE, True)
+            trial.set_user_attr(ATTR_STATUS, "stale")
+            trial.set_user_attr(
+                ATTR_REASON, f"left RUNNING by a sweep process that no longer exists ({worker})"
+            )
+            study.tell(frozen.number, state=TrialState.FAIL)
+        except UpdateFinishedTrialError:
+            continue  # another process finished or recovered it meanwhile
         if frozen.params:
             study.enqueue_trial(
                 dict(frozen.params), user_attrs={"requeued_from_trial": frozen.number}

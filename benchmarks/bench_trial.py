@@ -1,0 +1,467 @@
+"""Side-by-side trial throughput: our loop vs the seed's naive loop vs HF Trainer (default, tuned).
+
+One process, one model, one dataset, one batch size, step count and seed. Rounds are
+interleaved (A B C D, A B C D, ...) and medians reported, so a machine under load slows
+every variant alike and the ratios stay meaningful.
+
+    .venv/bin/python benchmarks/bench_trial.py                 # ~5-8 min on 2 CPU cores
+    .venv/bin/python benchmarks/bench_trial.py --quick         # a smoke run (~1-2 min)
+
+Model: an ~8M-parameter random-init Llama with GQA (10 layers, hidden 256, 8 query / 4 KV
+heads) built in a temp dir with the embedded tokenizer, as in DESIGN.md's measurements.
+Data: the 175 Alpaca seed tasks (../shared/data/alpaca_seed_tasks.json), plain template,
+max_length 512 (texts of 40-3800 tokens, truncated at 512). The overhead figure runs the
+default sweep's trial (embedded 976K model, sanity samples, 60 steps) in-process.
+
+Last line: `vs_trainer=<x> vs_trainer_tuned=<t> vs_naive=<y> mfu=<z> overhead=<w>`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import logging
+import math
+import os
+import statistics
+import sys
+import tempfile
+import threading
+import time
+import warnings
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+warnings.filterwarnings("ignore")
+
+import torch  # noqa: E402
+
+from lora_sweep import data as data_lib  # noqa: E402
+from lora_sweep.config import LoraSettings, ModelConfig, RunConfig, TrainConfig  # noqa: E402
+from lora_sweep.lora import apply_lora  # noqa: E402
+from lora_sweep.model import load_model, load_tokenizer, offline_hub  # noqa: E402
+from lora_sweep.train import resolve_precision, train_loop  # noqa: E402
+
+SHARED_DATA = REPO.parent / "shared" / "data" / "alpaca_seed_tasks.json"
+LR, WARMUP, SEED, BATCH, MAX_LENGTH = 1e-3, 2, 0, 8, 512
+LORA = LoraSettings(r=8, alpha=16.0)
+
+
+# ----------------------------------------------------------------------------------- helpers
+class PeakRss:
+    """Peak resident memory above the level at entry, sampled every 5 ms (CPU), or CUDA max allocated."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.device, self.peak_mb, self._stop = device, 0.0, threading.Event()
+
+    @staticmethod
+    def _rss_mb() -> float:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+
+    def __enter__(self) -> PeakRss:
+        if self.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(self.device)
+            self._base = torch.cuda.memory_allocated(self.device) / 2**20
+            return self
+        self._base = self._rss_mb()
+        self._thread = threading.Thread(target=self._watch, daemon=True)
+        self._thread.start()
+        return self
+
+    def _watch(self) -> None:
+        while not self._stop.is_set():
+            self.peak_mb = max(self.peak_mb, self._rss_mb() - self._base)
+            time.sleep(0.005)
+
+    def __exit__(self, *exc: object) -> None:
+        if self.device.type == "cuda":
+            self.peak_mb = torch.cuda.max_memory_allocated(self.device) / 2**20 - self._base
+            return
+        self._stop.set()
+        self._thread.join()
+
+
+def matmul_ceiling(shapes: list[tuple[int, int, int]], dtype: torch.dtype, device: torch.device, seconds: float = 1.0) -> float:
+    """Best GFLOP/s of torch.matmul over `shapes` (m, k, n) in `dtype`."""
+    best = 0.0
+    for m, k, n in shapes:
+        a = torch.randn(m, k, device=device).to(dtype)
+        b = torch.randn(k, n, device=device).to(dtype)
+        for _ in range(3):
+            a @ b
+        reps, start = 0, time.perf_counter()
+        while time.perf_counter() - start < seconds / len(shapes):
+            a @ b
+            reps += 1
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        best = max(best, 2 * m * k * n * reps / (time.perf_counter() - start) / 1e9)
+    return best
+
+
+def build_model_dir(out: Path) -> Path:
+    """An ~8M-parameter random-init GQA Llama with the embedded tokenizer, saved with save_pretrained."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from lora_sweep.embedded import TINY_LLAMA_DIR
+
+    tokenizer = load_tokenizer(TINY_LLAMA_DIR, ModelConfig(name="tiny_llama", path=None))
+    config = LlamaConfig(
+        vocab_size=len(tokenizer), hidden_size=256, intermediate_size=688, num_hidden_layers=10,
+        num_attention_heads=8, num_key_value_heads=4, head_dim=32, max_position_embeddings=1024,
+        tie_word_embeddings=True, bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    torch.manual_seed(0)
+    LlamaForCausalLM(config).save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    return out
+
+
+def flops_per_batch(lengths: list[int], model_cfg) -> float:
+    """Useful training FLOPs on the real tokens of a batch with a LoRA adapter: forward (2N per
+    token) + backward to the activations (2N; frozen weights need no weight gradient), plus
+    causal attention scores and values (fwd 2*2*d per key seen, bwd twice that)."""
+    h, layers, inter = model_cfg.hidden_size, model_cfg.num_hidden_layers, model_cfg.intermediate_size
+    kv = model_cfg.num_key_value_heads * (model_cfg.head_dim or h // model_cfg.num_attention_heads)
+    n_matmul = layers * (2 * h * h + 2 * h * kv + 3 * h * inter) + model_cfg.vocab_size * h
+    total = 0.0
+    for n in lengths:
+        total += 4 * n_matmul * n + 3 * 4 * layers * h * n * (n + 1) / 2
+    return total
+
+
+def fresh_lora_model(model_dir: Path, device: torch.device) -> torch.nn.Module:
+    model = load_model(model_dir, ModelConfig(name="local", path=str(model_dir)), device)
+    torch.manual_seed(SEED)
+    return apply_lora(model, LORA)
+
+
+# ---------------------------------------------------------------------------------- variants
+class Run:
+    def __init__(self, name: str, real_tokens: int, seconds: float, losses: list[float], peak_mb: float,
+                 flops: float, precision: str) -> None:
+        self.name, self.real_tokens, self.seconds, self.losses = name, real_tokens, seconds, losses
+        self.peak_mb, self.flops, self.precision = peak_mb, flops, precision
+
+    @property
+    def tps(self) -> float:
+        return self.real_tokens / self.seconds
+
+
+def run_ours(compose: Callable, model_dir: Path, steps: int, results: Path, tag: str, *extra: str) -> Run:
+    """Our trial exactly as the CLI runs it: the composed Hydra config through `run_trial`."""
+    from omegaconf import OmegaConf
+
+    from lora_sweep.trial import run_trial
+
+    cfg = compose(
+        "model=local", f"model.path={model_dir}", "data=alpaca", f"data.path={SHARED_DATA}", "data.template=plain",
+        f"data.max_length={MAX_LENGTH}", f"train.batch_size={BATCH}", f"train.max_steps={steps}", f"train.seed={SEED}",
+        f"train.lr={LR}", f"train.warmup_steps={WARMUP}", f"lora.r={LORA.r}", f"lora.alpha={LORA.alpha}",
+        f"results_dir={results}", f"train.log_every={steps}", *extra,
+    )
+    run_cfg = RunConfig.from_mapping(OmegaConf.to_container(cfg, resolve=True))
+    with PeakRss(torch.device("cpu") if not torch.cuda.is_available() else torch.device("cuda")) as mem:
+        result = run_trial(run_cfg, results / "runs" / tag)
+    steps_csv = (results / "runs" / tag / "steps.csv").read_text().splitlines()[1:]
+    losses = [float(line.split(",")[1]) for line in steps_csv]
+    return Run("ours", result.real_tokens, result.train_seconds, losses, mem.peak_mb, 0.0, result.precision)
+
+
+def naive_batches(model_dir: Path, texts: list[str], seed: int) -> Iterator[dict[str, torch.Tensor]]:
+    """The seed's pipeline: pad every sample to max_length, labels = input_ids.clone()."""
+    tokenizer = load_tokenizer(model_dir, ModelConfig(name="local", path=str(model_dir)))
+    enc = tokenizer(texts, padding="max_length", truncation=True, max_length=MAX_LENGTH, return_tensors="pt")
+    items = [{"input_ids": i, "attention_mask": m, "labels": i.clone()} for i, m in zip(enc["input_ids"], enc["attention_mask"])]
+    loader = torch.utils.data.DataLoader(items, batch_size=BATCH, shuffle=True, generator=torch.Generator().manual_seed(seed))
+    while True:
+        yield from loader
+
+
+def run_naive(model_dir: Path, texts: list[str], steps: int, device: torch.device, model_cfg) -> Run:
+    model = fresh_lora_model(model_dir, device)
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=LR)
+    batches = naive_batches(model_dir, texts, SEED)
+    losses, real, flops = [], 0, 0.0
+    model.train()
+    with PeakRss(device) as mem:
+        start = time.perf_counter()
+        for _ in range(steps):
+            batch = next(batches)
+            lengths = batch["attention_mask"].sum(dim=1).tolist()
+            real += sum(lengths)
+            flops += flops_per_batch(lengths, model_cfg)
+            batch = {k: v.to(device) for k, v in batch.items()}
+            loss = model(**batch).loss
+            opt.zero_grad()
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(params, 1.0)
+            opt.step()
+            losses.append(float(loss))
+        seconds = time.perf_counter() - start
+    return Run("naive", real, seconds, losses, mem.peak_mb, flops, "fp32")
+
+
+class _Timer:
+    """A TrainerCallback timing train() from its first to its last step and recording losses."""
+
+    def __new__(cls):
+        from transformers import TrainerCallback
+
+        class Timer(TrainerCallback):
+            def __init__(self) -> None:
+                self.start = self.end = 0.0
+                self.losses: list[float] = []
+
+            def on_train_begin(self, args, state, control, **kw):
+                self.start = time.perf_counter()
+
+            def on_train_end(self, args, state, control, **kw):
+                self.end = time.perf_counter()
+
+            def on_log(self, args, state, control, logs=None, **kw):
+                if logs and "loss" in logs:
+                    self.losses.append(float(logs["loss"]))
+
+        return Timer()
+
+
+class CountingCollator:
+    """Wraps a collator and records the real-token lengths of every batch it builds, in order."""
+
+    def __init__(self, inner: Callable) -> None:
+        self.inner, self.batches = inner, []
+
+    def __call__(self, items):
+        batch = self.inner(items)
+        self.batches.append(batch["attention_mask"].sum(dim=1).tolist())
+        return batch
+
+
+def run_trainer(name: str, model_dir: Path, examples: list, steps: int, device: torch.device, model_cfg, *,
+                tuned: bool, bf16: bool, loader: torch.utils.data.DataLoader | None = None,
+                constant_lr: bool = False, out: Path) -> Run:
+    """HF Trainer + peft. Default: what a user writes (random sampler, DataCollatorForLanguageModeling
+    with dynamic padding, labels = input_ids with pads set to -100). Tuned: + length grouping and bf16
+    where we use it. `loader`: feed exactly these batches (the loss-agreement check)."""
+    from transformers import DataCollatorForLanguageModeling, Trainer, TrainingArguments
+
+    tokenizer = load_tokenizer(model_dir, ModelConfig(name="local", path=str(model_dir)))
+    model = fresh_lora_model(model_dir, device)
+    collator = CountingCollator(DataCollatorForLanguageModeling(tokenizer, mlm=False))
+    dataset = [{"input_ids": list(e.input_ids)} for e in examples]
+    args = TrainingArguments(
+        output_dir=str(out), per_device_train_batch_size=BATCH, max_steps=steps, learning_rate=LR, seed=SEED,
+        data_seed=SEED, warmup_steps=0 if constant_lr else WARMUP,
+        lr_scheduler_type="constant" if constant_lr else "cosine", weight_decay=0.0, max_grad_norm=1.0,
+        logging_steps=1, save_strategy="no", report_to="none", disable_tqdm=True, use_cpu=device.type == "cpu",
+        bf16=bf16, train_sampling_strategy="group_by_length" if tuned else "random",
+    )
+    timer = _Timer()
+
+    class FixedBatches(Trainer):
+        def get_train_dataloader(self):
+            return loader
+
+    cls = FixedBatches if loader is not None else Trainer
+    trainer = cls(model=model, args=args, train_dataset=dataset, data_collator=collator, callbacks=[timer])
+    from transformers.trainer_callback import PrinterCallback, ProgressCallback
+
+    trainer.remove_callback(PrinterCallback)  # the per-step log dicts; timing is unaffected
+    trainer.remove_callback(ProgressCallback)
+    with PeakRss(device) as mem:
+        trainer.train()
+    if loader is not None:
+        lengths = [list(b) for b in collator.batches[:steps]]
+    else:
+        lengths = collator.batches[:steps]
+    real = sum(sum(b) for b in lengths)
+    flops = sum(flops_per_batch(b, model_cfg) for b in lengths)
+    return Run(name, real, timer.end - timer.start, timer.losses, mem.peak_mb, flops, "bf16" if bf16 else "fp32")
+
+
+# ------------------------------------------------------------------------------ sections
+def loss_agreement(model_dir: Path, examples: list, collator, steps: int, device: torch.device, model_cfg, out: Path) -> float:
+    """Our loop vs Trainer on identical batches (fp32, constant lr, same LoRA init): max |dloss|."""
+    ours_model = fresh_lora_model(model_dir, device)
+    loader = data_lib.make_dataloader(data_lib.SanityDataset(examples), collator, batch_size=BATCH, seed=SEED,
+                                      group_by_length=True)
+    cfg = TrainConfig(lr=LR, max_steps=steps, batch_size=BATCH, seed=SEED, warmup_steps=0, lr_scheduler="constant",
+                      log_every=steps)
+    ours = [s.loss for s in train_loop(ours_model, data_lib.infinite_batches(loader), cfg, device).steps]
+    loader2 = data_lib.make_dataloader(data_lib.SanityDataset(examples), collator, batch_size=BATCH, seed=SEED,
+                                       group_by_length=True)
+    theirs = run_trainer("trainer_same_batches", model_dir, examples, steps, device, model_cfg, tuned=False,
+                         bf16=False, loader=loader2, constant_lr=True, out=out).losses
+    print(f"  ours    : {' '.join(f'{x:.4f}' for x in ours)}")
+    print(f"  Trainer : {' '.join(f'{x:.4f}' for x in theirs)}")
+    return max(abs(a - b) for a, b in zip(ours, theirs))
+
+
+def default_sweep_overhead(compose: Callable, results: Path, n_trials: int) -> tuple[float, list[str]]:
+    """Overhead = 1 - (time in optimizer steps) / (trial wall time), trials 2..N of an in-process
+    sequence of default-sweep trials (the cache applies). The per-step pruning hook the sweep adds
+    (objective on the prefix) is timed and counted as overhead, not as step time."""
+    from omegaconf import OmegaConf
+
+    from lora_sweep.metrics import compute_metrics
+    from lora_sweep.trial import run_trial
+
+    space = [("8", "1e-2", "256", "16"), ("16", "3e-3", "128", "16"), ("4", "5e-3", "192", "8"),
+             ("32", "1e-3", "64", "64"), ("8", "2e-2", "256", "32"), ("16", "1e-2", "128", "32")]
+    rows, lines = [], []
+    for i in range(n_trials):
+        r, lr, max_len, alpha = space[i % len(space)]
+        cfg = compose(f"lora.r={r}", f"train.lr={lr}", f"data.max_length={max_len}", f"lora.alpha={alpha}",
+                      f"results_dir={results}", f"train.seed={i}")
+        run_cfg = RunConfig.from_mapping(OmegaConf.to_container(cfg, resolve=True))
+        hook_s = [0.0]
+
+        def hook(history, warm=run_cfg.train.warmup_steps):
+            t = time.perf_counter()
+            compute_metrics([s.loss for s in history], [s.grad_norm for s in history],
+                            warmup_steps=min(warm, len(history)))
+            hook_s[0] += time.perf_counter() - t
+            return False
+
+        start = time.perf_counter()
+        result = run_trial(run_cfg, results / "runs" / f"sweep{i}", on_step=hook)
+        wall = time.perf_counter() - start
+        step_s = result.train_seconds - hook_s[0]
+        rows.append((wall, step_s))
+        sc = result.self_check.get("seconds", "?")
+        lines.append(f"  trial {i + 1}: wall {wall:6.2f} s, optimizer steps {step_s:6.2f} s, self-check {sc} s, "
+                     f"hook {hook_s[0]:.3f} s, cache {'hit' if result.cache_hit else 'miss'}, "
+                     f"overhead {1 - step_s / wall:.3f}")
+    later = rows[1:]
+    return 1 - sum(s for _, s in later) / sum(w for w, _ in later), lines
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--steps", type=int, default=22, help="optimizer steps per variant and round (22 x 8 = one epoch)")
+    parser.add_argument("--rounds", type=int, default=3, help="interleaved rounds (medians reported)")
+    parser.add_argument("--sweep-trials", type=int, default=5, help="default-sweep trials for the overhead")
+    parser.add_argument("--quick", action="store_true", help="a smoke run: 6 steps, 1 round, 3 trials")
+    args = parser.parse_args()
+    if args.quick:
+        args.steps, args.rounds, args.sweep_trials = 6, 1, 3
+    offline_hub()
+    logging.disable(logging.WARNING)
+    from hydra import compose, initialize_config_dir
+    from transformers import AutoConfig
+
+    from lora_sweep.cli import config_dir
+
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    ctx = initialize_config_dir(config_dir=str(config_dir()), version_base="1.3")
+    ctx.__enter__()
+
+    def comp(*overrides: str):
+        return compose(config_name="config", overrides=list(overrides))
+
+    tmp = Path(tempfile.mkdtemp(prefix="bench_trial_"))
+    model_dir = build_model_dir(tmp / "llama8m")
+    model_cfg = AutoConfig.from_pretrained(model_dir)
+    tokenizer = load_tokenizer(model_dir, ModelConfig(name="local", path=str(model_dir)))
+    records = data_lib.load_records(SHARED_DATA)
+    examples = data_lib.tokenize_records(records, tokenizer, template="plain", max_length=MAX_LENGTH, mask_prompt=False)
+    texts = [data_lib.format_prompt(r, "plain") + r["output"] + tokenizer.eos_token for r in records]
+    lengths = [len(e.input_ids) for e in examples]
+    collator = data_lib.Collator(tokenizer.pad_token_id)
+    base = load_model(model_dir, ModelConfig(name="local", path=str(model_dir)), device)
+    n_params = sum(p.numel() for p in base.parameters())
+    precision = resolve_precision("auto", device, base)
+    del base
+
+    print(f"machine: {torch.get_num_threads()} torch threads, {os.cpu_count()} cpus, device {device}, "
+          f"torch {torch.__version__}, bf16 native={torch.ops.mkldnn._is_mkldnn_bf16_supported()}")
+    print(f"model: random-init Llama (GQA 8q/4kv, 10 layers, hidden 256) {n_params / 1e6:.2f}M params; "
+          f"LoRA r={LORA.r} on q_proj,v_proj; precision auto -> {precision}")
+    print(f"data: {len(examples)} Alpaca seed tasks, plain template, max_length {MAX_LENGTH}: "
+          f"{min(lengths)}-{max(lengths)} tokens, median {statistics.median(lengths):.0f}; "
+          f"batch {BATCH}, {args.steps} steps x {args.rounds} interleaved rounds, seed {SEED}")
+
+    t = 2048  # ~ tokens of one batch
+    shapes = [(t, 256, 688), (t, 256, 256), (t, 256, model_cfg.vocab_size), (1024, 1024, 1024)]
+    ceilings: dict[str, list[float]] = {"fp32": [], "bf16": []}
+
+    def measure_ceiling() -> None:  # once per round: under load the ceiling moves with the variants
+        ceilings["fp32"].append(matmul_ceiling(shapes, torch.float32, device))
+        ceilings["bf16"].append(matmul_ceiling(shapes, torch.bfloat16, device))
+
+    # our FLOPs: the same batches the trial draws (seeded, length-grouped)
+    ours_loader = data_lib.make_dataloader(data_lib.SanityDataset(examples), collator, batch_size=BATCH, seed=SEED,
+                                           group_by_length=True)
+    ours_batches = data_lib.infinite_batches(ours_loader)
+    ours_flops = sum(flops_per_batch(next(ours_batches)["attention_mask"].sum(dim=1).tolist(), model_cfg)
+                     for _ in range(args.steps))
+
+    results = tmp / "results"
+    runs: dict[str, list[Run]] = {k: [] for k in ("ours", "ours_fp32", "naive", "trainer", "trainer_tuned")}
+    bf16 = precision == "bf16"
+    run_ours(comp, model_dir, 3, results, "warmup")  # load + cache the base model once, as a sweep worker has
+    for rnd in range(args.rounds):
+        measure_ceiling()
+        run = run_ours(comp, model_dir, args.steps, results, f"ours{rnd}")
+        run.flops = ours_flops
+        runs["ours"].append(run)
+        if bf16:
+            run = run_ours(comp, model_dir, args.steps, results, f"ours_fp32_{rnd}", "train.precision=fp32")
+            run.flops = ours_flops
+            runs["ours_fp32"].append(run)
+        runs["naive"].append(run_naive(model_dir, texts, args.steps, device, model_cfg))
+        runs["trainer"].append(run_trainer("trainer", model_dir, examples, args.steps, device, model_cfg, tuned=False,
+                                           bf16=False, out=tmp / "hf"))
+        runs["trainer_tuned"].append(run_trainer("trainer_tuned", model_dir, examples, args.steps, device, model_cfg,
+                                                 tuned=True, bf16=bf16, out=tmp / "hf"))
+        print(f"round {rnd + 1}: " + ", ".join(f"{k} {v[-1].tps:.0f}" for k, v in runs.items() if v) + " real tok/s")
+
+    med = {k: statistics.median(r.tps for r in v) for k, v in runs.items() if v}
+    ceiling = {k: statistics.median(v) for k, v in ceilings.items()}
+    print(f"matmul ceiling (best of model-shaped and 1024^3 shapes, median of rounds): fp32 {ceiling['fp32']:.0f} "
+          f"GFLOP/s, bf16 {ceiling['bf16']:.0f} GFLOP/s (per round: fp32 "
+          + ", ".join(f"{x:.0f}" for x in ceilings["fp32"]) + "; bf16 " + ", ".join(f"{x:.0f}" for x in ceilings["bf16"]) + ")")
+    print()
+    print(f"{'variant':<15} {'prec':<5} {'real tok/s':>10} {'x naive':>8} {'GFLOP/s':>8} {'MFU':>6} "
+          f"{'peak MB':>8} {'loss 1st':>9} {'loss last5':>10}")
+    for name, rs in runs.items():
+        if not rs:
+            continue
+        r = rs[0]
+        gflops = statistics.median(x.flops / x.seconds for x in rs) / 1e9
+        mfu = gflops / ceiling[r.precision]
+        last5 = statistics.mean(r.losses[-5:])
+        print(f"{name:<15} {r.precision:<5} {med[name]:>10.0f} {med[name] / med['naive']:>8.2f} {gflops:>8.1f} "
+              f"{mfu:>6.1%} {statistics.median(x.peak_mb for x in rs):>8.0f} {r.losses[0]:>9.4f} {last5:>10.4f}")
+    print("(naive's loss includes pad positions: labels = input_ids.clone(); the others' are real-token losses)")
+
+    print("\nloss agreement, our loop vs Trainer on identical batches (fp32, constant lr, same LoRA init):")
+    diff = loss_agreement(model_dir, examples, collator, min(args.steps, 8), device, model_cfg, tmp / "hf")
+    print(f"  max |loss difference| = {diff:.2e} -> {'AGREE' if diff < 1e-3 else 'DISAGREE'}")
+    first = {k: v[0].losses[0] for k, v in runs.items() if v and k != "naive"}
+    print("  first-step losses (same init, different first batches): "
+          + ", ".join(f"{k} {x:.4f}" for k, x in first.items()))
+
+    print("\ndefault-sweep trials in one process (embedded 976K model, sanity samples, 60 steps):")
+    overhead, lines = default_sweep_overhead(comp, tmp / "sweep", args.sweep_trials)
+    print("\n".join(lines))
+    print(f"  overhead on trials 2..{args.sweep_trials} = {overhead:.3f}")
+
+    ours_run = runs["ours"]
+    mfu = statistics.median(x.flops / x.seconds for x in ours_run) / 1e9 / ceiling[ours_run[0].precision]
+    ctx.__exit__(None, None, None)
+    print(f"\nvs_trainer={med['ours'] / med['trainer']:.2f} vs_trainer_tuned={med['ours'] / med['trainer_tuned']:.2f} "
+          f"vs_naive={med['ours'] / med['naive']:.2f} mfu={mfu:.3f} overhead={overhead:.3f}")
+
+
+if __name__ == "__main__":
+    with contextlib.suppress(KeyboardInterrupt):
+        main()

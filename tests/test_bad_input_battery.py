@@ -1,0 +1,209 @@
+"""The bad-input battery: one table of bad inputs given to a sweep that already has a study and
+a CSV. Each case must print exactly one stderr line naming the problem, exit non-zero, and leave
+the earlier CSV and study byte-identical (and create no trial or run directory).
+
+Also the security checks on untrusted input (cheap, in-process): no remote code unless the
+config asks, no pickle loading, servers on 127.0.0.1, no passwords in what a sweep prints."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import REPO
+
+SWEEP_TINY = ["train.max_steps=6", "train.warmup_steps=1", "train.batch_size=4", "train.log_every=3",
+              "data.max_length=64", "hydra.sweeper.enqueue=null"]
+UNREACHABLE_PG = "postgresql://postgres@127.0.0.1:1/test"  # nothing listens on port 1
+# As root, directory permissions do not bind; drop the capabilities that bypass them.
+_DROP_DAC = ["setpriv", "--bounding-set=-dac_override,-dac_read_search,-fowner", "--"]
+
+
+def run_sweep(*args: str, readonly_user: bool = False) -> subprocess.CompletedProcess[str]:
+    env = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1")
+    prefix = _DROP_DAC if readonly_user and os.geteuid() == 0 else []
+    return subprocess.run([*prefix, sys.executable, "-m", "lora_sweep", "-m", *args], capture_output=True,
+                          text=True, cwd=REPO, env=env, timeout=300)
+
+
+@pytest.fixture(scope="module")
+def earlier_sweep(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A results dir after a one-trial sweep: its journal study and its CSV (one row)."""
+    results = tmp_path_factory.mktemp("battery") / "results"
+    proc = run_sweep(f"results_dir={results}", "hydra.sweeper.n_trials=1", *SWEEP_TINY)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return results
+
+
+@pytest.fixture(scope="module")
+def no_pad_no_eos_ckpt(tiny_ckpt: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The tiny checkpoint whose tokenizer has neither a pad nor an EOS token."""
+    out = tmp_path_factory.mktemp("no_pad_no_eos")
+    for item in tiny_ckpt.iterdir():
+        shutil.copy(item, out / item.name)
+    for name in ("tokenizer_config.json", "special_tokens_map.json"):
+        path = out / name
+        if path.is_file():
+            config = json.loads(path.read_text())
+            for key in ("pad_token", "eos_token"):
+                config.pop(key, None)
+            path.write_text(json.dumps(config))
+    return out
+
+
+def _files(tmp: Path, ckpt: Path, no_pad: Path) -> dict[str, str]:
+    files: dict[str, bytes] = {
+        "malformed.json": b'[{"instruction": "x", "output": "y"',
+        "empty.json": b"",
+        "no_records.json": b"[]",
+        "no_output.json": b'[{"instruction": "x", "input": ""}]',
+        "latin1.json": '[{"instruction": "caf\u00e9", "output": "y"}]'.encode("latin-1"),
+        "bad_line.jsonl": b'{"instruction": "x", "output": "y"}\n{"instruction": "x", "output"\n',
+    }
+    for name, data in files.items():
+        (tmp / name).write_bytes(data)
+    (tmp / "not_a_checkpoint").mkdir()
+    (tmp / "not_a_checkpoint" / "weights.bin").write_bytes(b"\0" * 16)
+    return {"tmp": str(tmp), "ckpt": str(ckpt), "no_pad": str(no_pad), "pg": UNREACHABLE_PG}
+
+
+ALPACA = "data=alpaca"
+# (case id, overrides, what the one error line must say)
+BATTERY = [
+    ("malformed-json", [ALPACA, "data.path={tmp}/malformed.json"], "malformed.json is not valid JSON"),
+    ("empty-file", [ALPACA, "data.path={tmp}/empty.json"], "empty.json is empty"),
+    ("no-records", [ALPACA, "data.path={tmp}/no_records.json"], "holds no records"),
+    ("missing-field", [ALPACA, "data.path={tmp}/no_output.json"], "record 0 is missing the field 'output'"),
+    ("not-utf8", [ALPACA, "data.path={tmp}/latin1.json"], "latin1.json is not UTF-8 text"),
+    ("jsonl-bad-line", [ALPACA, "data.path={tmp}/bad_line.jsonl"], "bad_line.jsonl line 2 is not valid JSON"),
+    ("no-pad-no-eos", ["model=local", "model.path={no_pad}"], "has neither a pad nor an EOS token"),
+    ("model-not-dir", ["model=local", "model.path={tmp}/absent_ckpt"], "is not a directory"),
+    ("model-not-ckpt", ["model=local", "model.path={tmp}/not_a_checkpoint"], "is not a Hugging Face checkpoint"),
+    ("rank-zero", ["lora.r=0"], "lora.r must be an integer >= 1"),
+    ("negative-lr", ["train.lr=-1"], "train.lr must be a number > 0"),
+    ("inverted-interval", ["train.lr=interval(1e-2, 1e-4)"], "interval needs low < high"),
+    ("empty-range", ["lora.r=range(8, 4)"], "is empty"),
+    ("bad-override", ["lora.r=choice(4,"], "bad override"),
+    ("unknown-option", ["lora=foo"], "Could not find 'lora/foo'"),
+    ("unknown-sampler", ["hydra/sweeper/sampler=foo"], "Could not find 'hydra/sweeper/sampler/foo'"),
+    ("unreachable-postgres", ["hydra.sweeper.storage={pg}", "hydra.sweeper.study_name=battery_unreachable"],
+     "cannot open the study storage postgresql://postgres@127.0.0.1:1/test"),
+    ("readonly-results-dir", ["READONLY"], "is not writable"),
+    ("foreign-csv-header", ["FOREIGN_CSV"], "has a different header"),
+    ("direction-mismatch", ["hydra.sweeper.objective=final_loss"], "has directions ['maximize']"),
+]
+
+
+def _digests(results: Path) -> dict[str, str]:
+    """Every file of the results dir (CSV, journal, trial directories) by content."""
+    return {str(p.relative_to(results)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(results.rglob("*")) if p.is_file()}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("overrides,message", [pytest.param(o, m, id=i) for i, o, m in BATTERY])
+def test_bad_input_one_line_nonzero_exit_csv_and_study_untouched(
+    earlier_sweep: Path, tiny_ckpt: Path, no_pad_no_eos_ckpt: Path, tmp_path: Path,
+    overrides: list[str], message: str,
+) -> None:
+    fmt = _files(tmp_path, tiny_ckpt, no_pad_no_eos_ckpt)
+    results = tmp_path / "results"
+    shutil.copytree(earlier_sweep, results)
+    readonly = overrides == ["READONLY"]
+    if overrides == ["FOREIGN_CSV"]:
+        (results / "lora_tuning_results.csv").write_text("run,loss\nold-tool-run,1.5\n")
+    args = [o.format(**fmt) for o in overrides if o not in ("READONLY", "FOREIGN_CSV")]
+    before = _digests(results)
+    modes = {p: p.stat().st_mode for p in [results, *results.rglob("*")]}
+    if readonly:
+        for p in modes:
+            p.chmod(modes[p] & ~0o222)
+    try:
+        proc = run_sweep(f"results_dir={results}", "hydra.sweeper.n_trials=3", *SWEEP_TINY, *args,
+                         readonly_user=readonly)
+    finally:
+        for p, mode in modes.items():
+            p.chmod(mode)
+    assert proc.returncode != 0, proc.stdout[-2000:]
+    lines = [line for line in proc.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1, proc.stderr
+    assert lines[0].startswith("lora_sweep: error: ") and message in lines[0], lines[0]
+    assert "Traceback" not in proc.stdout
+    assert _digests(results) == before  # CSV, study and trial directories byte-identical, nothing new
+
+
+# ------------------------------------------------------------------------------ security
+
+SOURCES = sorted((REPO / "lora_sweep").rglob("*.py")) + sorted((REPO / "hydra_plugins").rglob("*.py"))
+
+
+def test_remote_code_only_when_the_config_asks() -> None:
+    import re
+
+    for path in SOURCES:
+        assert not re.search(r"trust_remote_code\s*=\s*True", path.read_text()), path
+    loader = (REPO / "lora_sweep" / "model.py").read_text()
+    assert loader.count("from_pretrained(") == loader.count("trust_remote_code=cfg.trust_remote_code") == 2
+    for option in sorted((REPO / "conf" / "model").glob("*.yaml")):
+        assert re.search(r"^trust_remote_code: false\b", option.read_text(), re.M), option
+
+
+@pytest.mark.parametrize("trust", [False, True])
+def test_loaders_pass_the_configured_trust_remote_code_and_stay_local(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, trust: bool
+) -> None:
+    import transformers
+
+    from lora_sweep.config import ModelConfig
+    from lora_sweep.model import ModelError, load_model, load_tokenizer
+
+    seen: list[dict[str, object]] = []
+
+    def fake_from_pretrained(*args: object, **kwargs: object) -> object:
+        seen.append(kwargs)
+        raise OSError("stop here")
+
+    monkeypatch.setattr(transformers.AutoTokenizer, "from_pretrained", fake_from_pretrained)
+    monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained", fake_from_pretrained)
+    cfg = ModelConfig(name="local", path=str(tmp_path), trust_remote_code=trust)
+    for load in (lambda: load_tokenizer(tmp_path, cfg), lambda: load_model(tmp_path, cfg, None)):
+        with pytest.raises(ModelError):
+            load()
+    assert [(k["trust_remote_code"], k["local_files_only"]) for k in seen] == [(trust, True)] * 2
+
+
+def test_no_pickle_loading_and_weights_load_safely() -> None:
+    import re
+
+    for path in SOURCES:
+        text = path.read_text()
+        assert not re.search(r"\bpickle\.loads?\(|\bjoblib\.load\(|\bdill\.load", text), path
+        for call in re.findall(r"torch\.load\([^)]*\)", text):
+            assert "weights_only=True" in call, (path, call)
+    # transformers loads .bin/.pt weights (when a checkpoint has no safetensors) with weights_only=True
+    import inspect
+
+    from transformers import modeling_utils
+
+    assert "weights_only: bool = True" in inspect.getsource(modeling_utils.load_state_dict)
+
+
+def test_servers_bind_localhost_and_storage_passwords_are_not_printed() -> None:
+    for path in [*SOURCES, *sorted((REPO / "conf").rglob("*.yaml")), REPO / "Makefile"]:
+        assert "0.0.0.0" not in path.read_text(), path
+    from optuna_dashboard._config import DashboardConfig  # the dashboard extra; default bind address
+
+    assert DashboardConfig().host == "127.0.0.1"
+    from lora_sweep.sweep.study import dashboard_command, redact
+
+    assert redact("postgresql://u:s3cret@db:5432/x") == "postgresql://u:***@db:5432/x"
+    assert redact("hydra.sweeper.storage=postgresql://u:s3cret@db/x") == "hydra.sweeper.storage=postgresql://u:***@db/x"
+    assert redact("postgresql://u@db/x") == "postgresql://u@db/x" and redact("/a/journal.log") == "/a/journal.log"
+    assert "s3cret" not in dashboard_command(redact("postgresql://u:s3cret@db/x"))

@@ -1,0 +1,107 @@
+"""The in-process cache: a trial on a cached base model equals the same trial started cold."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from omegaconf import OmegaConf
+
+from lora_sweep import trial as trial_lib
+from lora_sweep.config import RunConfig
+from lora_sweep.train import resolve_precision
+from lora_sweep.trial import clear_cache, run_trial
+from tests.conftest import REPO, TINY
+
+
+def _cfg(compose_cfg, ckpt: Path, tmp_path: Path, *overrides: str) -> RunConfig:
+    cfg = compose_cfg("model=local", f"model.path={ckpt}", f"results_dir={tmp_path}", *TINY, *overrides)
+    return RunConfig.from_mapping(OmegaConf.to_container(cfg, resolve=True))
+
+
+def _losses(run_dir: Path) -> list[str]:
+    return [line.split(",")[1] for line in (run_dir / "steps.csv").read_text().splitlines()[1:]]
+
+
+def _base_state(ckpt: Path) -> tuple:
+    (entry,) = trial_lib._models.values()
+    base = entry.model
+    names = [name for name, _ in base.named_modules()]
+    hooks = sum(len(m._forward_pre_hooks) + len(m._forward_hooks) + len(m._backward_hooks) for m in base.modules())
+    return len(names), hooks, sorted(vars(base)), any("lora" in n for n in names), base.training
+
+
+def test_cached_trials_equal_cold_trials(compose_cfg, tiny_ckpt: Path, tmp_path: Path) -> None:
+    a = _cfg(compose_cfg, tiny_ckpt, tmp_path, "lora.r=4", "train.lr=3e-3")
+    b = _cfg(compose_cfg, tiny_ckpt, tmp_path, "lora.r=16", "train.lr=1e-2", "train.seed=7", "data.max_length=48",
+             "lora.target_modules=[q_proj,k_proj,v_proj,o_proj]")
+    clear_cache()
+    cold = run_trial(a, tmp_path / "a_cold")
+    state = _base_state(tiny_ckpt)
+    first_b = run_trial(b, tmp_path / "b")
+    assert _base_state(tiny_ckpt) == state  # no adapter layers, hooks or attributes left behind
+    warm = run_trial(a, tmp_path / "a_warm")
+    again_b = run_trial(b, tmp_path / "b_again")
+    assert _base_state(tiny_ckpt) == state
+    assert not cold.cache_hit and warm.cache_hit and first_b.cache_hit
+    assert warm.status == cold.status and warm.steps_completed == cold.steps_completed == 6
+    assert warm.metrics == cold.metrics and _losses(tmp_path / "a_warm") == _losses(tmp_path / "a_cold")
+    assert again_b.metrics == first_b.metrics
+    assert warm.trainable_params == cold.trainable_params  # LoRA layers do not accumulate
+    assert warm.real_tokens == cold.real_tokens
+    # the model-level checks ran once for this base model; the per-adapter ones every trial
+    assert not cold.self_check["eager_matches_sdpa"].startswith("cached")
+    assert warm.self_check["eager_matches_sdpa"].startswith("cached: ")
+    assert not warm.self_check["first_backward"].startswith("cached")
+    clear_cache()
+    assert run_trial(a, tmp_path / "a_cleared").metrics == cold.metrics
+
+
+@pytest.mark.slow
+def test_cached_trial_equals_a_fresh_process(compose_cfg, tiny_ckpt: Path, tmp_path: Path) -> None:
+    overrides = ["model=local", f"model.path={tiny_ckpt}", f"results_dir={tmp_path}", *TINY]
+    run_trial(_cfg(compose_cfg, tiny_ckpt, tmp_path, "lora.r=16", "train.seed=3"), tmp_path / "other")
+    warm = run_trial(_cfg(compose_cfg, tiny_ckpt, tmp_path), tmp_path / "warm")
+    assert warm.cache_hit
+    script = (
+        "import json, sys; from lora_sweep.trial import run_trial; from lora_sweep.config import RunConfig\n"
+        "from hydra import compose, initialize_config_dir; from omegaconf import OmegaConf\n"
+        "from lora_sweep.cli import config_dir\n"
+        "with initialize_config_dir(config_dir=str(config_dir()), version_base='1.3'):\n"
+        "    cfg = compose(config_name='config', overrides=sys.argv[2:])\n"
+        "r = run_trial(RunConfig.from_mapping(OmegaConf.to_container(cfg, resolve=True)), sys.argv[1])\n"
+        "print(json.dumps(r.metrics))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", script, str(tmp_path / "fresh"), *overrides], cwd=REPO,
+                         capture_output=True, text=True, check=True).stdout
+    assert json.loads(out.strip().splitlines()[-1]) == json.loads(json.dumps(warm.metrics))
+    assert _losses(tmp_path / "fresh") == _losses(tmp_path / "warm")
+
+
+def test_failed_model_checks_are_not_cached(compose_cfg, nan_ckpt: Path, tmp_path: Path) -> None:
+    clear_cache()
+    cfg = _cfg(compose_cfg, nan_ckpt, tmp_path)
+    first = run_trial(cfg, tmp_path / "one")
+    second = run_trial(cfg, tmp_path / "two")
+    assert first.status == second.status == "failed" and "self-check" in second.reason
+    assert second.cache_hit
+    (entry,) = trial_lib._models.values()
+    assert entry.checked is None and not entry.in_use
+    clear_cache()
+
+
+def test_precision_auto_is_fp32_for_tiny_models_and_bf16_runs(compose_cfg, tiny_ckpt: Path, tmp_path: Path) -> None:
+    tiny = torch.nn.Linear(4, 4)
+    assert resolve_precision("auto", torch.device("cpu"), tiny) == "fp32"
+    assert resolve_precision("bf16", torch.device("cpu"), tiny) == "bf16"
+    assert resolve_precision("fp32", torch.device("cpu"), tiny) == "fp32"
+    result = run_trial(_cfg(compose_cfg, tiny_ckpt, tmp_path, "train.precision=bf16"), tmp_path / "bf16")
+    assert result.status != "failed" and result.steps_completed == 6 and result.precision == "bf16"
+    saved = json.loads((tmp_path / "bf16" / "result.json").read_text())
+    assert saved["precision"] == "bf16"
+    (entry,) = trial_lib._models.values()
+    assert all(p.dtype == torch.float32 for p in entry.model.parameters())  # fp32 master weights
