@@ -164,7 +164,7 @@ def run_ours(compose: Callable, model_dir: Path, steps: int, results: Path, tag:
         "model=local", f"model.path={model_dir}", "data=alpaca", f"data.path={SHARED_DATA}", "data.template=plain",
         f"data.max_length={MAX_LENGTH}", f"train.batch_size={BATCH}", f"train.max_steps={steps}", f"train.seed={SEED}",
         f"train.lr={LR}", f"train.warmup_steps={WARMUP}", f"lora.r={LORA.r}", f"lora.alpha={LORA.alpha}",
-        f"results_dir={results}", f"train.log_every={steps}", *extra,
+        f"results_dir={results}", f"train.log_every={steps}", "data.group_by_length=true", *extra,
     )
     run_cfg = RunConfig.from_mapping(OmegaConf.to_container(cfg, resolve=True))
     with PeakRss(torch.device("cpu") if not torch.cuda.is_available() else torch.device("cuda")) as mem:
