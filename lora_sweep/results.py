@@ -215,25 +215,26 @@ def _append_bytes(csv_path: Path, payload: bytes) -> None:
         os.close(fd)
 
 
-def _drop_torn_tail(csv_path: Path) -> int:
-    """Under the CSV lock: move a torn last line (an append whose writer was killed or lost
-    power mid-write; every complete record ends in '\\n') to ``<csv>.torn`` and truncate it
-    away, so it can neither stay as a corrupt row nor duplicate the row written again for the
-    same trial. Returns the number of bytes moved."""
-    try:
-        if csv_path.stat().st_size == 0:
+def drop_torn_tail(path: str | os.PathLike[str], *, keep_torn: Path | None = None) -> int:
+    """Truncate a line-oriented file after its last '\n'; returns the bytes dropped.
+
+    Call it under the file's lock: every complete record ends in '\n', so a file that does
+    not can only end in an append whose writer was killed mid-write (a torn record). The torn
+    bytes are appended to `keep_torn` when given, so nothing is silently lost.
+    """
+    with open(path, "r+b") as handle:
+        handle.seek(0, os.SEEK_END)
+        if handle.tell() == 0:
             return 0
-    except FileNotFoundError:
-        return 0
-    with open(csv_path, "r+b") as handle:
         handle.seek(-1, os.SEEK_END)
         if handle.read(1) == b"\n":
             return 0
         handle.seek(0)
         data = handle.read()
         keep = data.rfind(b"\n") + 1
-        with open(str(csv_path) + ".torn", "ab") as side:
-            side.write(data[keep:] + b"\n")
+        if keep_torn is not None:
+            with open(keep_torn, "ab") as side:
+                side.write(data[keep:] + b"\n")
         handle.truncate(keep)
         handle.flush()
         os.fsync(handle.fileno())
@@ -264,7 +265,8 @@ def append_row(csv_path: Path, row: Mapping[str, object], *, once: bool = False)
     line = _csv_line(cells)
     csv_path.parent.mkdir(parents=True, exist_ok=True)
     with FileLock(str(csv_path) + ".lock", timeout=LOCK_TIMEOUT_S):
-        _drop_torn_tail(csv_path)
+        if csv_path.exists():  # a torn row can neither stay corrupt nor duplicate its rewrite
+            drop_torn_tail(csv_path, keep_torn=Path(str(csv_path) + ".torn"))
         has_content, _ = _check_existing(csv_path)
         if once and has_content and _has_trial_row(csv_path, cells):
             return

@@ -37,6 +37,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from lora_sweep.results import drop_torn_tail
+
 JOURNAL_NAME = "optuna_journal.log"
 ATTR_STATUS = "status"
 ATTR_REASON = "reason"
@@ -127,28 +129,16 @@ def redact(storage: str) -> str:
 
 
 def _drop_torn_tail(path: str) -> int:
-    """Truncates a journal file after its last ``\\n``; returns the bytes dropped. Call it under
-    the journal lock: then a file not ending in ``\\n`` can only be an append whose writer died
-    (Optuna writes whole ``\\n``-terminated JSON lines), a record that was never committed."""
-    with open(path, "r+b") as handle:
-        handle.seek(0, os.SEEK_END)
-        if handle.tell() == 0:
-            return 0
-        handle.seek(-1, os.SEEK_END)
-        if handle.read(1) == b"\n":
-            return 0
-        handle.seek(0)
-        data = handle.read()
-        keep = data.rfind(b"\n") + 1
-        handle.truncate(keep)
-        handle.flush()
-        os.fsync(handle.fileno())
-    import logging
+    """Drop a torn last journal record under the journal lock (Optuna writes whole
+    '\n'-terminated JSON lines, so a missing '\n' is a record that was never committed)."""
+    dropped = drop_torn_tail(path)
+    if dropped:
+        import logging
 
-    logging.getLogger(__name__).warning(
-        "Dropped a torn last record (%d bytes) of %s left by a killed writer", len(data) - keep, path
-    )
-    return len(data) - keep
+        logging.getLogger(__name__).warning(
+            "Dropped a torn last record (%d bytes) of %s left by a killed writer", dropped, path
+        )
+    return dropped
 
 
 @functools.cache
