@@ -52,7 +52,7 @@ def run_job(cfg: DictConfig) -> dict[str, Any]:
         sweep_fields = {"study_name": context.study_name, "trial_number": context.trial_number}
     try:
         run_cfg = RunConfig.from_mapping(OmegaConf.to_container(cfg, resolve=True))
-        on_step = _pruning_hook(reporter, context, run_cfg) if reporter is not None else None
+        on_step = _pruning_hook(reporter, run_cfg) if reporter is not None else None
         result = run_trial(run_cfg, run_dir, on_step=on_step, config_yaml=OmegaConf.to_yaml(cfg, resolve=True))
     except INPUT_ERRORS as err:
         if multirun:
@@ -98,18 +98,19 @@ def _reporter(context: Any) -> Any:
     return TrialReporter(context)
 
 
-def _pruning_hook(reporter: Any, context: Any, run_cfg: RunConfig) -> StepHook:
+def _pruning_hook(reporter: Any, run_cfg: RunConfig) -> StepHook:
     """Report the objective of the run so far after every step; stop when the pruner says so.
 
     The intermediate value is the trial's own objective computed on the prefix of the run,
     so it points in the study's direction (no sign flips between loss and stability).
     """
-    objective = context.objective_names[0] if context.objective_names else "stability_index"
+    names = reporter.context.objective_names
+    objective = names[0] if names else "stability_index"
 
     def hook(history: list[StepRecord]) -> bool:
         metrics = compute_metrics(
             [s.loss for s in history], [s.grad_norm for s in history],
-            warmup_steps=min(run_cfg.train.warmup_steps, len(history)),
+            warmup_steps=run_cfg.train.warmup_steps,  # fewer steps than W: all steps count
             min_improvement=run_cfg.train.min_improvement,
         )
         value = float(getattr(metrics, objective))

@@ -152,8 +152,9 @@ def data_path(cfg: RunConfig) -> Path:
 def check_inputs(cfg: RunConfig) -> None:
     """The cheap input checks (data file, checkpoint directory and tokenizer, device, results
     directory), run before a run or a sweep starts: a sweep refuses them before its study."""
-    data_lib.load_records(data_path(cfg))
-    load_tokenizer(resolve_model_dir(cfg.model), cfg.model)  # e.g. neither pad nor EOS token
+    # through the cache, so the trial that follows in this process does not load them again
+    _cached_records(data_path(cfg))
+    _cached_tokenizer(resolve_model_dir(cfg.model), cfg)  # e.g. neither pad nor EOS token
     resolve_device(cfg.train.device)
     check_results_dir(cfg)
 
