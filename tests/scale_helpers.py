@@ -91,3 +91,11 @@ def real_trials(study: optuna.Study) -> list[optuna.trial.FrozenTrial]:
     """Trials that count: no penalty twins, no stale (killed) trials."""
     return [t for t in study.get_trials(deepcopy=False)
             if "penalty_for_trial" not in t.user_attrs and not t.user_attrs.get("stale")]
+
+
+def storage_for(kind: str, tmp_path: Path) -> str:
+    """A fresh storage of `kind` (journal, sqlite, postgresql); PostgreSQL must be up (fails loudly)."""
+    if kind == "postgresql":
+        require_postgres()
+        return PG_URL
+    return {"journal": str(tmp_path / "journal.log"), "sqlite": f"sqlite:///{tmp_path / 'study.db'}"}[kind]

@@ -21,7 +21,7 @@ import pytest
 from lora_sweep.results import CSV_COLUMNS, read_rows
 from lora_sweep.sweep.study import normalize_storage, progress
 from tests.scale_helpers import (
-    PG_URL, SWEEP_TINY, app_command, delete, load, log_tail, lora_command, real_trials, require_postgres,
+    PG_URL, SWEEP_TINY, app_command, delete, load, log_tail, lora_command, real_trials, storage_for,
     start, unique_study, worker_env,
 )
 from tests.conftest import REPO
@@ -45,10 +45,7 @@ def _wait_running(storage: str, name: str, timeout: float = 120) -> int:
 
 @pytest.mark.parametrize("kind", ["journal", "sqlite", "postgresql"])
 def test_worker_killed_mid_trial_leaves_a_stale_trial_that_the_next_run_requeues(tmp_path: Path, kind: str) -> None:
-    if kind == "postgresql":
-        require_postgres()
-    storage = {"journal": str(tmp_path / "journal.log"), "sqlite": f"sqlite:///{tmp_path / 'study.db'}",
-               "postgresql": PG_URL}[kind]
+    storage = storage_for(kind, tmp_path)
     name = unique_study(f"stale_{kind}")
     args = [f"results_dir={tmp_path}", f"hydra.sweeper.storage={storage}", f"hydra.sweeper.study_name={name}",
             "hydra.sweeper.n_trials=2", "mode=mapping", "hydra.sweeper.objective={value: minimize}"]

@@ -16,7 +16,7 @@ import pytest
 
 from lora_sweep.sweep.study import normalize_storage
 from tests.conftest import REPO
-from tests.scale_helpers import PG_URL, app_command, delete, load, real_trials, require_postgres, unique_study, worker_env
+from tests.scale_helpers import PG_URL, app_command, delete, load, real_trials, storage_for, unique_study, worker_env
 
 pytestmark = pytest.mark.slow
 WORKERS, N_TRIALS = 8, 16
@@ -24,10 +24,7 @@ WORKERS, N_TRIALS = 8, 16
 
 @pytest.mark.parametrize("kind", ["journal", "sqlite", "postgresql"])
 def test_eight_workers_on_one_storage(tmp_path: Path, kind: str) -> None:
-    if kind == "postgresql":
-        require_postgres()
-    storage = {"journal": str(tmp_path / "journal.log"), "sqlite": f"sqlite:///{tmp_path / 'study.db'}",
-               "postgresql": PG_URL}[kind]
+    storage = storage_for(kind, tmp_path)
     name = unique_study(f"load_{kind}")
     cmd = app_command(f"results_dir={tmp_path}", f"hydra.sweeper.storage={storage}", f"hydra.sweeper.study_name={name}",
                       f"hydra.sweeper.n_jobs={WORKERS}", f"hydra.sweeper.n_trials={N_TRIALS}", "mode=mapping",
