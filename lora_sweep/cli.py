@@ -108,9 +108,12 @@ def preflight(argv: list[str]) -> None:
         raise ConfigError(error_line(err)) from err
     finally:
         GlobalHydra.instance().clear()
-    from lora_sweep.trial import check_inputs
+    from lora_sweep.trial import check_inputs, warm_up
 
-    check_inputs(RunConfig.from_mapping(container))
+    run_cfg = RunConfig.from_mapping(container)
+    check_inputs(run_cfg)
+    if multirun:
+        warm_up(run_cfg)  # a sweep worker loads the base model once, before its first trial
 
 
 def _refuse(err: BaseException) -> None:

@@ -44,7 +44,8 @@ class LoopResult:
     steps: list[StepRecord]
     stop_reason: str = ""
     pruned: bool = False
-    train_seconds: float = 0.0
+    train_seconds: float = 0.0  # the whole loop, hooks and logging included
+    step_seconds: float = 0.0  # optimizer steps only (data -> update), without hooks and logging
 
 
 def lr_factor(step: int, *, warmup_steps: int, max_steps: int, schedule: str) -> float:
@@ -128,6 +129,7 @@ def train_loop(
     start = time.perf_counter()
     for step in range(1, cfg.max_steps + 1):
         # data: counts come from the CPU batch, so they cost no device sync
+        step_start = time.perf_counter()
         batch = next(batches)
         tokens, real_tokens = batch["input_ids"].numel(), int(batch["attention_mask"].sum())
         batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
@@ -155,6 +157,7 @@ def train_loop(
         # update
         optimizer.step()
         scheduler.step()
+        result.step_seconds += time.perf_counter() - step_start
 
         # progress, and the pruning hook
         if step % cfg.log_every == 0 or step == cfg.max_steps:

@@ -72,6 +72,7 @@ class TrialResult:
     precision: str = ""
     cache_hit: bool = False
     train_seconds: float = 0.0
+    step_seconds: float = 0.0
     timestamp_utc: str = field(default_factory=lambda: datetime.now(timezone.utc).isoformat(timespec="seconds"))
 
     def csv_row(self, cfg: RunConfig, *, study_name: str = "", trial_number: int | None = None, state: str = "") -> dict[str, Any]:
@@ -122,7 +123,7 @@ class TrialResult:
             "tokens_per_s": self.tokens_per_s, "real_tokens": self.real_tokens, "peak_mem_mb": self.peak_mem_mb,
             "trainable_params": self.trainable_params, "device": self.device, "self_check": self.self_check,
             "precision": self.precision, "cache_hit": self.cache_hit, "train_seconds": self.train_seconds,
-            "timestamp_utc": self.timestamp_utc,
+            "step_seconds": self.step_seconds, "timestamp_utc": self.timestamp_utc,
         }
 
 
@@ -157,6 +158,21 @@ def check_inputs(cfg: RunConfig) -> None:
     _cached_tokenizer(resolve_model_dir(cfg.model), cfg)  # e.g. neither pad nor EOS token
     resolve_device(cfg.train.device)
     check_results_dir(cfg)
+
+
+def warm_up(cfg: RunConfig) -> None:
+    """What a long-lived sweep worker does once, before its first trial: load the base model
+    (and tokenize the data) into the cross-trial cache and run the model-level self-checks.
+    Anything that fails here is left for the trial to run again and report."""
+    try:
+        with prepared_trial(cfg) as prepared:
+            entry = prepared.cached
+            if cfg.model.self_check and entry is not None and entry.checked is None:
+                report = run_self_check(prepared.model, prepared.probe, vocab_size=prepared.vocab_size,
+                                        first_backward=False)
+                entry.checked = {k: report.details[k] for k in MODEL_LEVEL_CHECKS}
+    except Exception as err:  # noqa: BLE001 - the first trial records the same error as its failure
+        log.debug("warm-up stopped: %s", err)
 
 
 def check_results_dir(cfg: RunConfig) -> None:
@@ -423,7 +439,7 @@ def _run_prepared(
         log.error("trial failed: %s", result.reason)
     result.steps_completed = len(loop.steps)
     result.real_tokens = sum(s.real_tokens for s in loop.steps)
-    result.train_seconds = loop.train_seconds
+    result.train_seconds, result.step_seconds = loop.train_seconds, loop.step_seconds
     result.tokens_per_s = result.real_tokens / loop.train_seconds if loop.train_seconds > 0 else 0.0
     result.peak_mem_mb = _peak_memory_mb(prepared.device)
     result.duration_s = time.perf_counter() - start

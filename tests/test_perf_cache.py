@@ -105,3 +105,22 @@ def test_precision_auto_is_fp32_for_tiny_models_and_bf16_runs(compose_cfg, tiny_
     assert saved["precision"] == "bf16"
     (entry,) = trial_lib._models.values()
     assert all(p.dtype == torch.float32 for p in entry.model.parameters())  # fp32 master weights
+
+
+def test_warm_up_loads_the_base_model_once_and_changes_no_result(compose_cfg, tiny_ckpt: Path, tmp_path: Path) -> None:
+    """A sweep worker's warm-up puts the base model in the cache and runs the model-level
+    self-checks; its first trial is then a cache hit with exactly the metrics of a cold trial."""
+    cfg = _cfg(compose_cfg, tiny_ckpt, tmp_path)
+    clear_cache()
+    cold = run_trial(cfg, tmp_path / "cold")
+    clear_cache()
+    trial_lib.warm_up(cfg)
+    (entry,) = trial_lib._models.values()
+    assert not entry.in_use
+    warm = run_trial(cfg, tmp_path / "warm")
+    assert warm.cache_hit and not cold.cache_hit
+    assert warm.self_check["eager_matches_sdpa"].startswith("cached: ")
+    assert warm.metrics == cold.metrics and _losses(tmp_path / "warm") == _losses(tmp_path / "cold")
+    clear_cache()
+    trial_lib.warm_up(_cfg(compose_cfg, tmp_path / "no_such_checkpoint", tmp_path))  # left for the trial to report
+    assert not trial_lib._models

@@ -214,3 +214,25 @@ def test_trial_whose_job_recorded_a_result_is_finished_not_rerun(tmp_path: Path)
     assert trials[1].state.name == "FAIL" and trials[1].user_attrs["stale"] is True
     requeued = [t for t in trials if t.state.name == "WAITING"]
     assert [t.user_attrs.get("requeued_from_trial") for t in requeued] == [1]  # only the killed trial reruns
+
+
+def test_n_jobs_auto_and_bad_values() -> None:
+    from lora_sweep.sweep.runner import SweepError, resolve_n_jobs
+
+    assert resolve_n_jobs("auto", is_basic=True, cores=2, cuda=False) == 2  # one 1-thread worker per core
+    assert resolve_n_jobs("auto", is_basic=True, cores=8, cuda=True) == 1  # a GPU: one trial at a time
+    assert resolve_n_jobs("auto", is_basic=False, cores=8, cuda=False) == 1  # other launchers: batch of 1
+    assert resolve_n_jobs(3, is_basic=True) == 3 and resolve_n_jobs("2", is_basic=True) == 2
+    for bad in (0, -1, 2.5, "many", None):
+        with pytest.raises(SweepError, match="n_jobs"):
+            resolve_n_jobs(bad, is_basic=True)
+
+
+def test_journal_storage_is_kept_per_process_until_the_file_is_replaced(tmp_path: Path) -> None:
+    path = str(tmp_path / "journal.log")
+    first = study_mod.open_storage(path)
+    optuna.create_study(study_name="s", storage=first)
+    assert study_mod.open_storage(path) is first  # no replay of the whole log per trial
+    Path(path).unlink()
+    fresh = study_mod.open_storage(path)
+    assert fresh is not first and fresh.get_all_studies() == []

@@ -76,3 +76,22 @@ def test_failed_self_check_ends_failed_not_crashing(compose_cfg, nan_ckpt: Path,
     assert result.status == "failed" and "self-check" in result.reason
     assert json.loads((tmp_path / "run" / "result.json").read_text())["status"] == "failed"
 
+
+
+def test_step_seconds_leave_out_the_hook(compose_cfg, tiny_ckpt: Path, tmp_path: Path) -> None:
+    """`step_seconds` is the optimizer steps alone: a slow pruning hook shows in the loop's
+    wall time, not in it (the benchmark's overhead figure rests on this split)."""
+    import time
+
+    cfg = _run_cfg(compose_cfg, tiny_ckpt, tmp_path)
+
+    def slow_hook(history) -> bool:
+        time.sleep(0.05)
+        return False
+
+    result = run_trial(cfg, tmp_path / "run", on_step=slow_hook)
+    assert result.steps_completed == 6
+    assert result.train_seconds - result.step_seconds >= 6 * 0.05
+    assert 0 < result.step_seconds < result.train_seconds
+    saved = json.loads((tmp_path / "run" / "result.json").read_text())
+    assert saved["step_seconds"] == result.step_seconds

@@ -145,8 +145,9 @@ class LoraSweepSweeperConf:
     seed: Optional[int] = 0
     sampler: Any = None
     pruner: Any = None
-    # trials in flight: worker processes (basic launcher) or batch size (other launchers)
-    n_jobs: int = 1
+    # trials in flight: worker processes (basic launcher) or batch size (other launchers);
+    # auto: one single-threaded worker per core on a CPU-only machine, else 1
+    n_jobs: Any = 1
     # abort when failed/finished exceeds this after failure_min_trials trials
     max_failure_rate: float = 0.5
     failure_min_trials: int = 5

@@ -174,6 +174,31 @@ def _cpu_count() -> int:
         return os.cpu_count() or 1
 
 
+def resolve_n_jobs(value: Any, *, is_basic: bool, cores: int | None = None, cuda: bool | None = None) -> int:
+    """Trials in flight for a ``hydra.sweeper.n_jobs`` setting: a positive int, or ``auto``.
+
+    ``auto``: with the in-process (basic) launcher on a machine without a CUDA device, one
+    worker process per core with one thread each (measured on 2 cores: more trials per hour than
+    one worker with all threads, see BENCHMARKS.md); with a GPU, or another launcher, 1.
+    """
+    if isinstance(value, str) and value.strip().lower() == "auto":
+        if not is_basic:
+            return 1
+        if cuda is None:
+            torch = sys.modules.get("torch")
+            cuda = bool(torch is not None and torch.cuda.is_available())
+        return 1 if cuda else max(1, cores if cores is not None else _cpu_count())
+    try:
+        n = int(value)
+        if n != value and str(n) != str(value).strip():
+            raise ValueError
+    except (TypeError, ValueError):
+        n = 0
+    if n < 1:
+        raise SweepError(f"hydra.sweeper.n_jobs={value!r}: give a positive number of workers or 'auto'")
+    return n
+
+
 def set_threads(threads: int) -> None:
     """Threads for trials in this process: env for later imports, torch if already loaded."""
     for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS"):
@@ -461,7 +486,7 @@ class SweepRunner:
         self.prepare(arguments)
         self.open()
         target = self._target()
-        n_jobs = max(1, int(_setting(self.settings, "n_jobs", 1)))
+        n_jobs = resolve_n_jobs(_setting(self.settings, "n_jobs", 1), is_basic=self.is_basic)
         p = study_mod.progress(self.study)
         if self.worker_id == 0:
             print(f"[lora_sweep] study '{self.study_name}' in {study_mod.redact(self.storage)}", flush=True)
@@ -478,6 +503,8 @@ class SweepRunner:
             summary.nothing_to_do = True
             return summary
         procs: list[subprocess.Popen[bytes]] = []
+        if self.is_basic:  # no more workers than trials left to run
+            n_jobs = max(1, min(n_jobs, target - p.finished))
         threads = max(1, _cpu_count() // n_jobs)
         if n_jobs > 1 and self.is_basic and self.worker_id == 0:
             if self.storage.startswith("sqlite:///:memory:"):
