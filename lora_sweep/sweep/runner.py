@@ -34,6 +34,7 @@ from typing import Any
 
 from lora_sweep.faults import crash_point
 from lora_sweep.sweep import study as study_mod
+from lora_sweep.sweep.compose_cache import CachingConfigLoader
 from lora_sweep.sweep.context import ATTR_JOB_RESULT, STUDY_ATTR_PRUNER, TrialContext
 from lora_sweep.sweep.objective import (
     ObjectiveConfigError,
@@ -174,6 +175,19 @@ def _cpu_count() -> int:
         return os.cpu_count() or 1
 
 
+def _cache_job_configs(launcher: Any) -> None:
+    """Let an in-process launcher build each job's config from a composed one of the same
+    shape instead of composing the whole tree again (see :mod:`lora_sweep.sweep.compose_cache`)."""
+    context = getattr(launcher, "hydra_context", None)
+    if context is None or isinstance(context.config_loader, CachingConfigLoader):
+        return
+    from hydra.types import HydraContext
+
+    launcher.hydra_context = HydraContext(
+        config_loader=CachingConfigLoader(context.config_loader), callbacks=context.callbacks
+    )
+
+
 def resolve_n_jobs(value: Any, *, is_basic: bool, cores: int | None = None, cuda: bool | None = None) -> int:
     """Trials in flight for a ``hydra.sweeper.n_jobs`` setting: a positive int, or ``auto``.
 
@@ -233,6 +247,8 @@ class SweepRunner:
         self.launcher = launcher
         self.argv = list(sys.argv if argv is None else argv)
         self.is_basic = is_basic_launcher
+        if is_basic_launcher:
+            _cache_job_configs(launcher)
         self.worker_id = int(_setting(settings, "worker_id", 0))
         self.study: Any = None
         self.space = SearchSpace()
