@@ -106,8 +106,11 @@ def _pruning_hook(reporter: Any, run_cfg: RunConfig) -> StepHook:
     """
     names = reporter.context.objective_names
     objective = names[0] if names else "stability_index"
+    every, last = reporter.context.report_every, run_cfg.train.max_steps
 
     def hook(history: list[StepRecord]) -> bool:
+        if history[-1].step % every and history[-1].step != last:
+            return False  # reports are storage writes: every `hydra.sweeper.report_every` steps
         metrics = compute_metrics(
             [s.loss for s in history], [s.grad_norm for s in history],
             warmup_steps=run_cfg.train.warmup_steps,  # fewer steps than W: all steps count

@@ -88,9 +88,21 @@ def nan_ckpt(tiny_ckpt: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     return out
 
 
+def one_worker(args: tuple[str, ...] | list[str]) -> list[str]:
+    """A sweep's arguments with one worker unless they choose: the default `n_jobs: auto` runs
+    one worker per core, whose trials finish in a timing-dependent order; tests that count
+    trials or compare results need the reproducible single-worker sweep."""
+    args = list(args)
+    if ("-m" in args or "--multirun" in args) and not any(a.startswith("hydra.sweeper.n_jobs=") for a in args):
+        args.append("hydra.sweeper.n_jobs=1")
+    return args
+
+
 def run_cli(*args: str, cwd: Path | None = None, timeout: float = 300) -> subprocess.CompletedProcess[str]:
-    """Run `python -m lora_sweep ARGS` in a subprocess, as a user would."""
+    """Run `python -m lora_sweep ARGS` in a subprocess, as a user would (a sweep: one worker
+    unless `hydra.sweeper.n_jobs` is given, see `one_worker`)."""
     env = dict(os.environ, PYTHONUNBUFFERED="1")
     return subprocess.run(
-        [sys.executable, "-m", "lora_sweep", *args], capture_output=True, text=True, cwd=cwd or REPO, env=env, timeout=timeout
+        [sys.executable, "-m", "lora_sweep", *one_worker(args)], capture_output=True, text=True, cwd=cwd or REPO,
+        env=env, timeout=timeout,
     )

@@ -14,7 +14,7 @@ import optuna
 import pytest
 
 from lora_sweep.sweep.study import open_storage
-from tests.conftest import REPO
+from tests.conftest import REPO, one_worker
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
 
@@ -31,7 +31,8 @@ def worker_env(**extra: str) -> dict[str, str]:
 
 
 def lora_command(*args: str) -> list[str]:
-    return [sys.executable, "-m", "lora_sweep", "-m", *args]
+    """A sweep command; one worker process unless `hydra.sweeper.n_jobs` is given."""
+    return [sys.executable, "-m", "lora_sweep", *one_worker(["-m", *args])]
 
 
 def app_command(*args: str) -> list[str]:

@@ -28,7 +28,7 @@ from lora_sweep.sweep.study import ATTR_PENALTY_FOR, JOURNAL_NAME
 # ------------------------------------------------------------------ the shared tiny sweep
 
 TINY_SWEEP_ARGS = (
-    "hydra.sweeper.n_trials=6", "train.max_steps=12", "train.warmup_steps=2", "train.batch_size=4",
+    "hydra.sweeper.n_trials=6", "hydra.sweeper.n_jobs=1", "train.max_steps=12", "train.warmup_steps=2", "train.batch_size=4",
     "data.max_length=64", "hydra.sweeper.enqueue=null",
     # lr 8 diverges (status diverged, state FAIL); no clipping so it really does
     "train.lr=choice(3e-3, 1e-2, 8.0)", "train.max_grad_norm=1e9", "hydra.sweeper.max_failure_rate=1.0",

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import REPO
+from tests.conftest import REPO, one_worker
 
 SWEEP_TINY = ["train.max_steps=6", "train.warmup_steps=1", "train.batch_size=4", "train.log_every=3",
               "data.max_length=64", "hydra.sweeper.enqueue=null"]
@@ -29,7 +29,7 @@ _DROP_DAC = ["setpriv", "--bounding-set=-dac_override,-dac_read_search,-fowner",
 def run_sweep(*args: str, readonly_user: bool = False) -> subprocess.CompletedProcess[str]:
     env = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1")
     prefix = _DROP_DAC if readonly_user and os.geteuid() == 0 else []
-    return subprocess.run([*prefix, sys.executable, "-m", "lora_sweep", "-m", *args], capture_output=True,
+    return subprocess.run([*prefix, sys.executable, "-m", "lora_sweep", *one_worker(["-m", *args])], capture_output=True,
                           text=True, cwd=REPO, env=env, timeout=300)
 
 

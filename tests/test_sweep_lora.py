@@ -137,3 +137,20 @@ def test_export_rebuilds_the_csv_from_the_study(tmp_path: Path) -> None:
                              capture_output=True, text=True, cwd=REPO)
     assert missing.returncode == 2 and "no study storage" in missing.stderr
 
+
+
+def test_default_n_jobs_auto_runs_one_worker_per_core(tmp_path: Path) -> None:
+    """`n_jobs: auto` (the default sweep's) on this CPU-only machine: one 1-thread worker
+    process per core, all on one study, each trial once."""
+    cores = len(os.sched_getaffinity(0))
+    res = run_cli("-m", f"results_dir={tmp_path}", "hydra.sweeper.n_jobs=auto", "hydra.sweeper.n_trials=4",
+                  "hydra.sweeper.report_every=3", *SWEEP_TINY)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert (f"Starting worker {cores - 1}" in res.stderr + res.stdout) == (cores > 1)
+    study = load_study(tmp_path)
+    trials = real_trials(study)
+    assert progress(study).finished >= 4 and len({t.number for t in trials}) == len(trials)
+    rows = read_rows(tmp_path / "lora_tuning_results.csv")
+    assert sorted(rows["trial_number"].tolist()) == sorted(t.number for t in trials)
+    done = [t for t in trials if t.state.name == "COMPLETE"]
+    assert done and all(sorted(t.intermediate_values) == [3, 6, 8] for t in done)  # report_every=3 and the last step

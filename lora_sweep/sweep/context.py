@@ -53,6 +53,7 @@ class TrialContext:
         trial_number: Trial number within the study.
         objective_names: Objective names (empty for plain-float apps).
         directions: ``minimize``/``maximize`` per objective.
+        report_every: Report an intermediate value (and ask the pruner) every this many steps.
     """
 
     storage: str
@@ -61,6 +62,7 @@ class TrialContext:
     trial_number: int
     objective_names: tuple[str, ...] = ()
     directions: tuple[str, ...] = ("minimize",)
+    report_every: int = 1
 
     def encode(self) -> str:
         """Compact, override-safe encoding (base64url, no padding)."""

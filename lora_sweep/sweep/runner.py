@@ -365,6 +365,7 @@ class SweepRunner:
             trial_number=trial.number,
             objective_names=tuple(self.spec.names or ()),
             directions=self.spec.directions,
+            report_every=max(1, int(_setting(self.settings, "report_every", 1))),
         )
         hidden = [context.override()]
         if self._subdir_is_default():
