@@ -7,6 +7,7 @@ import logging
 from torch import nn
 
 from lora_sweep.config import LoraSettings
+from lora_sweep.dropout import use_fast_dropout
 
 log = logging.getLogger(__name__)
 
@@ -37,6 +38,8 @@ def apply_lora(model: nn.Module, settings: LoraSettings) -> nn.Module:
             f"lora.target_modules={settings.targets_label} matches no module of this model; "
             f"linear modules here: {', '.join(available)}"
         ) from err
+    if next(peft_model.parameters()).device.type == "cpu":
+        use_fast_dropout(peft_model)  # the CPU's per-element Bernoulli draws are slow
     trainable, total = count_parameters(peft_model)
     log.info("LoRA r=%d alpha=%g on %s: %d trainable of %d parameters (%.3f%%)",
              settings.r, settings.alpha, settings.targets_label, trainable, total, 100.0 * trainable / total)

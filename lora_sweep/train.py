@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import math
 import time
@@ -13,6 +12,7 @@ import torch
 from torch import nn
 
 from lora_sweep.config import TrainConfig
+from lora_sweep.precision import mixed_precision
 
 log = logging.getLogger(__name__)
 
@@ -61,36 +61,6 @@ def lr_factor(step: int, *, warmup_steps: int, max_steps: int, schedule: str) ->
     return 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
-# bf16 autocast pays only once matmuls dominate: measured on 2 CPU threads (AVX-512 BF16),
-# see BENCHMARKS.md. Below this many base-model parameters `auto` keeps fp32 on the CPU.
-BF16_CPU_MIN_PARAMS = 4_000_000
-
-
-def cpu_supports_bf16() -> bool:
-    """True when the CPU has native bf16 matmul instructions (AVX-512 BF16 or AMX)."""
-    try:
-        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
-    except (AttributeError, RuntimeError):
-        return False
-
-
-def resolve_precision(precision: str, device: torch.device, model: nn.Module) -> str:
-    """`fp32` or `bf16` (autocast; master weights and optimizer state stay in their dtype).
-
-    `auto`: bf16 on a CUDA device that supports it; on the CPU only with native bf16 matmuls
-    and a model large enough for them to pay (tiny models lose to per-op cast overhead).
-    Deterministic per config and machine, so a sweep's trials are comparable.
-    """
-    if precision != "auto":
-        return precision
-    if device.type == "cuda":
-        return "bf16" if torch.cuda.is_bf16_supported() else "fp32"
-    if device.type == "cpu" and cpu_supports_bf16():
-        n_params = sum(p.numel() for p in model.parameters())
-        return "bf16" if n_params >= BF16_CPU_MIN_PARAMS else "fp32"
-    return "fp32"
-
-
 def train_loop(
     model: nn.Module,
     batches: Iterator[Mapping[str, torch.Tensor]],
@@ -106,15 +76,11 @@ def train_loop(
     Stops early on a non-finite loss or grad norm (recorded, no optimizer step taken) and
     when `on_step` asks to (pruning). The only host synchronisation per step is reading the
     loss and grad norm, which the metrics need. `precision="bf16"` runs the forward under
-    bf16 autocast (weights, gradients and optimizer state keep their dtype).
+    bf16 autocast (weights, gradients and optimizer state keep their dtype; see
+    `lora_sweep.precision.mixed_precision`).
     `first_step_check(model, loss)` runs after the first backward, before anything is updated
     (the self-check's first-backward check, at no extra forward/backward); it may raise.
     """
-    if precision not in ("fp32", "bf16"):
-        raise ValueError(f"precision must be fp32 or bf16 here, got {precision!r}")
-    autocast = (
-        (lambda: torch.autocast(device.type, dtype=torch.bfloat16)) if precision == "bf16" else contextlib.nullcontext
-    )
     params = [p for p in model.parameters() if p.requires_grad]
     try:  # fused: one kernel for all LoRA tensors (measured 3x faster than foreach on 2 CPU threads)
         optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, fused=True)
@@ -127,48 +93,49 @@ def train_loop(
     result = LoopResult(steps=[])
     model.train()
     start = time.perf_counter()
-    for step in range(1, cfg.max_steps + 1):
-        # data: counts come from the CPU batch, so they cost no device sync
-        step_start = time.perf_counter()
-        batch = next(batches)
-        tokens, real_tokens = batch["input_ids"].numel(), int(batch["attention_mask"].sum())
-        batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
-        lr = scheduler.get_last_lr()[0]
+    with mixed_precision(model, precision, device) as autocast:  # bf16 on the CPU: attention stays fp32
+        for step in range(1, cfg.max_steps + 1):
+            # data: counts come from the CPU batch, so they cost no device sync
+            step_start = time.perf_counter()
+            batch = next(batches)
+            tokens, real_tokens = batch["input_ids"].numel(), int(batch["attention_mask"].sum())
+            batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+            lr = scheduler.get_last_lr()[0]
 
-        # forward + backward (mean cross-entropy over labels != -100)
-        with autocast():
-            loss = model(**batch).loss
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        if step == 1 and first_step_check is not None:
-            first_step_check(model, float(loss.detach()))
+            # forward + backward (mean cross-entropy over labels != -100)
+            with autocast():
+                loss = model(**batch).loss
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            if step == 1 and first_step_check is not None:
+                first_step_check(model, float(loss.detach()))
 
-        # clip, recording the pre-clip norm
-        grad_norm = torch.nn.utils.clip_grad_norm_(params, max_norm=cfg.max_grad_norm)
-        loss_value, grad_value = float(loss.detach()), float(grad_norm)
-        result.steps.append(
-            StepRecord(step, loss_value, grad_value, lr, tokens, real_tokens, time.perf_counter() - start)
-        )
-        if not (math.isfinite(loss_value) and math.isfinite(grad_value)):
-            result.stop_reason = f"non-finite {'loss' if not math.isfinite(loss_value) else 'grad norm'} at step {step}"
-            log.warning("stopping: %s", result.stop_reason)
-            break
+            # clip, recording the pre-clip norm
+            grad_norm = torch.nn.utils.clip_grad_norm_(params, max_norm=cfg.max_grad_norm)
+            loss_value, grad_value = float(loss.detach()), float(grad_norm)
+            result.steps.append(
+                StepRecord(step, loss_value, grad_value, lr, tokens, real_tokens, time.perf_counter() - start)
+            )
+            if not (math.isfinite(loss_value) and math.isfinite(grad_value)):
+                result.stop_reason = f"non-finite {'loss' if not math.isfinite(loss_value) else 'grad norm'} at step {step}"
+                log.warning("stopping: %s", result.stop_reason)
+                break
 
-        # update
-        optimizer.step()
-        scheduler.step()
-        result.step_seconds += time.perf_counter() - step_start
+            # update
+            optimizer.step()
+            scheduler.step()
+            result.step_seconds += time.perf_counter() - step_start
 
-        # progress, and the pruning hook
-        if step % cfg.log_every == 0 or step == cfg.max_steps:
-            elapsed = time.perf_counter() - start
-            seen = sum(r.real_tokens for r in result.steps)
-            log.info("step %d/%d loss %.4f grad_norm %.3f lr %.2e %.0f tok/s",
-                     step, cfg.max_steps, loss_value, grad_value, lr, seen / max(elapsed, 1e-9))
-        if on_step is not None and on_step(result.steps):
-            result.pruned = True
-            result.stop_reason = f"pruned at step {step}"
-            log.info("stopping: %s", result.stop_reason)
-            break
+            # progress, and the pruning hook
+            if step % cfg.log_every == 0 or step == cfg.max_steps:
+                elapsed = time.perf_counter() - start
+                seen = sum(r.real_tokens for r in result.steps)
+                log.info("step %d/%d loss %.4f grad_norm %.3f lr %.2e %.0f tok/s",
+                         step, cfg.max_steps, loss_value, grad_value, lr, seen / max(elapsed, 1e-9))
+            if on_step is not None and on_step(result.steps):
+                result.pruned = True
+                result.stop_reason = f"pruned at step {step}"
+                log.info("stopping: %s", result.stop_reason)
+                break
     result.train_seconds = time.perf_counter() - start
     return result

@@ -13,7 +13,7 @@ from omegaconf import OmegaConf
 
 from lora_sweep import trial as trial_lib
 from lora_sweep.config import RunConfig
-from lora_sweep.train import resolve_precision
+from lora_sweep.precision import resolve_precision
 from lora_sweep.trial import clear_cache, run_trial
 from tests.conftest import REPO, TINY
 

@@ -1,0 +1,110 @@
+"""Mixed precision for the training forward: which precision, and the context that applies it.
+
+bf16 here means autocast around the forward: matmuls run in bf16, weights, gradients and
+AdamW state stay in their own dtype (fp32), and the loss is computed in fp32. On the CPU
+attention is the exception: it runs in fp32 with autocast off, because the CPU's bf16
+SDPA backward is about 2x slower than its fp32 one (measured with torch 2.13 on 2 threads,
+AVX-512 BF16 + AMX, see BENCHMARKS.md), and autocast would otherwise cast fp32 inputs
+straight back to bf16. On CUDA bf16 attention is the fast path and is left alone.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Iterator
+
+import torch
+from torch import nn
+
+# bf16 autocast pays only once matmuls dominate: measured on 2 CPU threads (AVX-512 BF16),
+# see BENCHMARKS.md. Below this many base-model parameters `auto` keeps fp32 on the CPU.
+BF16_CPU_MIN_PARAMS = 4_000_000
+
+# The attention implementation name registered with transformers for fp32 SDPA under autocast.
+FP32_SDPA = "lora_sweep_sdpa_fp32"
+
+
+def cpu_supports_bf16() -> bool:
+    """True when the CPU has native bf16 matmul instructions (AVX-512 BF16 or AMX)."""
+    try:
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):
+        return False
+
+
+def resolve_precision(precision: str, device: torch.device, model: nn.Module) -> str:
+    """`fp32` or `bf16` (autocast; master weights and optimizer state stay in their dtype).
+
+    `auto`: bf16 on a CUDA device that supports it; on the CPU only with native bf16 matmuls
+    and a model large enough for them to pay (tiny models lose to per-op cast overhead).
+    Deterministic per config and machine, so a sweep's trials are comparable.
+    """
+    if precision != "auto":
+        return precision
+    if device.type == "cuda":
+        return "bf16" if torch.cuda.is_bf16_supported() else "fp32"
+    if device.type == "cpu" and cpu_supports_bf16():
+        n_params = sum(p.numel() for p in model.parameters())
+        return "bf16" if n_params >= BF16_CPU_MIN_PARAMS else "fp32"
+    return "fp32"
+
+
+def sdpa_fp32_attention_forward(
+    module: nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    **kwargs,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """transformers' own SDPA attention (its mask handling and verified `repeat_kv`), computed in
+    fp32 with autocast off; the output goes back in the query's dtype."""
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    with torch.autocast(query.device.type, enabled=False):
+        out, weights = sdpa_attention_forward(
+            module, query.float(), key.float(), value.float(), attention_mask, **kwargs
+        )
+    return out.to(query.dtype), weights
+
+
+def register_fp32_sdpa() -> None:
+    """Make `FP32_SDPA` a valid `attn_implementation` (idempotent). It builds its mask like SDPA."""
+    from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+
+    AttentionInterface.register(FP32_SDPA, sdpa_fp32_attention_forward)
+    AttentionMaskInterface.register(FP32_SDPA, sdpa_mask)
+
+
+def _transformers_model(model: nn.Module) -> nn.Module | None:
+    """The transformers model under a peft wrapper (or the model itself), if it has one."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return base if hasattr(base, "set_attn_implementation") else None
+
+
+@contextlib.contextmanager
+def mixed_precision(
+    model: nn.Module, precision: str, device: torch.device
+) -> Iterator[Callable[[], contextlib.AbstractContextManager]]:
+    """For the whole training run: yields a factory of the per-forward autocast context.
+
+    With bf16 on the CPU, a model configured for SDPA runs its attention through
+    `FP32_SDPA` for the duration and gets its configured implementation back afterwards
+    (the cached base model is shared by later trials).
+    """
+    if precision not in ("fp32", "bf16"):
+        raise ValueError(f"precision must be fp32 or bf16 here, got {precision!r}")
+    if precision == "fp32":
+        yield contextlib.nullcontext
+        return
+    base = _transformers_model(model) if device.type == "cpu" else None
+    configured = base.config._attn_implementation if base is not None else None
+    if configured == "sdpa":
+        register_fp32_sdpa()
+        base.set_attn_implementation(FP32_SDPA)
+    try:
+        yield lambda: torch.autocast(device.type, dtype=torch.bfloat16)
+    finally:
+        if configured == "sdpa":
+            base.set_attn_implementation(configured)
