@@ -20,9 +20,10 @@ optuna.logging.set_verbosity(optuna.logging.WARNING)
 
 PG_URL = "postgresql://postgres@127.0.0.1:5432/test"
 APP = REPO / "tests" / "sweep_apps" / "app.py"
-# Tiny real trials: a few optimizer steps on short sequences; no enqueued baseline.
+# Tiny real trials: a few optimizer steps on short sequences; no enqueued baseline; a report
+# (and pruner check) at every one of the 8 steps, where the default sweep reports every 5th.
 SWEEP_TINY = ["train.max_steps=8", "train.warmup_steps=2", "train.batch_size=4", "train.log_every=4",
-              "data.max_length=64", "hydra.sweeper.enqueue=null"]
+              "data.max_length=64", "hydra.sweeper.enqueue=null", "hydra.sweeper.report_every=1"]
 
 
 def worker_env(**extra: str) -> dict[str, str]:
