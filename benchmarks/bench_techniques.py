@@ -27,11 +27,12 @@ warnings.filterwarnings("ignore")
 
 import torch  # noqa: E402
 
+DEFAULT = "default (per-batch padding, auto = fp32)"
 VARIANTS = {
-    "default (grouped, per-batch pad, fp32)": [],
-    "no length grouping": ["data.group_by_length=false"],
-    "pad to max_length, no grouping": ["data.group_by_length=false", "data.padding=max_length"],
-    "bf16 autocast": ["train.precision=bf16"],
+    DEFAULT: [],
+    "length grouping (data.group_by_length)": ["data.group_by_length=true"],
+    "pad to max_length": ["data.padding=max_length"],
+    "bf16 autocast (fp32 attention)": ["train.precision=bf16"],
 }
 
 
@@ -67,7 +68,7 @@ def main() -> None:
                 r = run_trial(cfg(*extra), tmp / f"{rnd}_{len(tps[name])}_{abs(hash(name))}")
                 tps[name].append(r.tokens_per_s)
             print(f"round {rnd + 1}: " + ", ".join(f"{v[-1]:.0f}" for v in tps.values()))
-        base = statistics.median(tps["default (grouped, per-batch pad, fp32)"])
+        base = statistics.median(tps[DEFAULT])
         print(f"\n{'variant':<42} {'real tok/s':>10} {'vs default':>10}")
         for name, values in tps.items():
             m = statistics.median(values)

@@ -7,7 +7,7 @@ every variant alike and the ratios stay meaningful.
     .venv/bin/python benchmarks/bench_trial.py                 # ~5-8 min on 2 CPU cores
     .venv/bin/python benchmarks/bench_trial.py --quick         # a smoke run (~1-2 min)
 
-Model: an ~8M-parameter random-init Llama with GQA (10 layers, hidden 256, 8 query / 4 KV
+Model: an ~8M-parameter random-init Llama with GQA (10 layers, hidden 256, 4 query / 2 KV
 heads) built in a temp dir with the embedded tokenizer, as in DESIGN.md's measurements.
 Data: the Alpaca seed tasks (../shared/data/alpaca_seed_tasks.json), plain template, that
 fit in 20-400 tokens (the issue's "8-sample batches of 20-400-token texts"; `--max-text-tokens
@@ -49,7 +49,8 @@ from lora_sweep import data as data_lib  # noqa: E402
 from lora_sweep.config import LoraSettings, ModelConfig, RunConfig, TrainConfig  # noqa: E402
 from lora_sweep.lora import apply_lora  # noqa: E402
 from lora_sweep.model import load_model, load_tokenizer, offline_hub  # noqa: E402
-from lora_sweep.train import resolve_precision, train_loop  # noqa: E402
+from lora_sweep.precision import resolve_precision  # noqa: E402
+from lora_sweep.train import train_loop  # noqa: E402
 
 SHARED_DATA = REPO.parent / "shared" / "data" / "alpaca_seed_tasks.json"
 LR, WARMUP, SEED, BATCH, MAX_LENGTH = 1e-3, 2, 0, 8, 512
@@ -111,8 +112,12 @@ def matmul_ceiling(shapes: list[tuple[int, int, int]], dtype: torch.dtype, devic
     return best
 
 
-def build_model_dir(out: Path) -> Path:
-    """An ~8M-parameter random-init GQA Llama with the embedded tokenizer, saved with save_pretrained."""
+def build_model_dir(out: Path, head_dim: int = 64) -> Path:
+    """An ~8M-parameter random-init GQA Llama with the embedded tokenizer, saved with save_pretrained.
+
+    Hidden size 256 split into heads of `head_dim` (64 as in TinyLlama, SmolLM and Llama 3.2 1B;
+    real checkpoints use 64 or 128), with half as many key/value heads as query heads. The
+    parameter count and matmul FLOPs do not depend on `head_dim`."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
     from lora_sweep.embedded import TINY_LLAMA_DIR
@@ -120,7 +125,8 @@ def build_model_dir(out: Path) -> Path:
     tokenizer = load_tokenizer(TINY_LLAMA_DIR, ModelConfig(name="tiny_llama", path=None))
     config = LlamaConfig(
         vocab_size=len(tokenizer), hidden_size=256, intermediate_size=688, num_hidden_layers=10,
-        num_attention_heads=8, num_key_value_heads=4, head_dim=32, max_position_embeddings=1024,
+        num_attention_heads=256 // head_dim, num_key_value_heads=128 // head_dim, head_dim=head_dim,
+        max_position_embeddings=1024,
         tie_word_embeddings=True, bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,
     )
@@ -365,7 +371,9 @@ def main() -> None:
                         help="trials of the default sweep for the overhead (default: the sweep's own n_trials, 20)")
     parser.add_argument("--max-text-tokens", type=int, default=400,
                         help="keep the seed tasks of at most this many tokens (512 = all, truncated at 512)")
-    parser.add_argument("--quick", action="store_true", help="a smoke run: 6 steps, 1 round, 3 trials")
+    parser.add_argument("--head-dim", type=int, default=64, choices=(32, 64, 128),
+                        help="attention head size of the 8M model (hidden 256 = heads x head-dim)")
+    parser.add_argument("--quick", action="store_true", help="a smoke run: 6 steps, 1 round, 4 trials")
     args = parser.parse_args()
     if args.quick:
         args.steps, args.rounds, args.sweep_trials = 6, 1, 4
@@ -384,7 +392,7 @@ def main() -> None:
         return compose(config_name="config", overrides=list(overrides))
 
     tmp = Path(tempfile.mkdtemp(prefix="bench_trial_"))
-    model_dir = build_model_dir(tmp / "llama8m")
+    model_dir = build_model_dir(tmp / "llama8m", args.head_dim)
     model_cfg = AutoConfig.from_pretrained(model_dir)
     tokenizer = load_tokenizer(model_dir, ModelConfig(name="local", path=str(model_dir)))
     all_records = data_lib.load_records(SHARED_DATA)
@@ -405,7 +413,8 @@ def main() -> None:
 
     print(f"machine: {torch.get_num_threads()} torch threads, {os.cpu_count()} cpus, device {device}, "
           f"torch {torch.__version__}, bf16 native={torch.ops.mkldnn._is_mkldnn_bf16_supported()}")
-    print(f"model: random-init Llama (GQA 8q/4kv, 10 layers, hidden 256) {n_params / 1e6:.2f}M params; "
+    print(f"model: random-init Llama (GQA {model_cfg.num_attention_heads}q/{model_cfg.num_key_value_heads}kv of head_dim "
+          f"{args.head_dim}, 10 layers, hidden 256) {n_params / 1e6:.2f}M params; "
           f"LoRA r={LORA.r} on q_proj,v_proj; precision auto -> {precision}")
     print(f"data: {len(examples)} of {len(all_records)} Alpaca seed tasks ({MIN_TEXT_TOKENS}-{args.max_text_tokens} "
           f"tokens), plain template, max_length {MAX_LENGTH}: "
