@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import json
 import subprocess
 import sys
@@ -114,7 +115,13 @@ def test_warm_up_loads_the_base_model_once_and_changes_no_result(compose_cfg, ti
     clear_cache()
     cold = run_trial(cfg, tmp_path / "cold")
     clear_cache()
-    trial_lib.warm_up(cfg)
+    frozen_before = gc.get_freeze_count()
+    try:
+        trial_lib.warm_up(cfg)
+        # what the worker holds for good is frozen: full collections in its trials skip it
+        assert gc.get_freeze_count() > frozen_before + 10_000
+    finally:
+        gc.unfreeze()  # this test process is not a worker
     (entry,) = trial_lib._models.values()
     assert not entry.in_use
     warm = run_trial(cfg, tmp_path / "warm")
@@ -123,4 +130,5 @@ def test_warm_up_loads_the_base_model_once_and_changes_no_result(compose_cfg, ti
     assert warm.metrics == cold.metrics and _losses(tmp_path / "warm") == _losses(tmp_path / "cold")
     clear_cache()
     trial_lib.warm_up(_cfg(compose_cfg, tmp_path / "no_such_checkpoint", tmp_path))  # left for the trial to report
+    gc.unfreeze()
     assert not trial_lib._models

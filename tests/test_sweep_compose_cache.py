@@ -47,3 +47,39 @@ def test_cached_job_configs_equal_hydra_composition(loader) -> None:
         assert OmegaConf.is_struct(got) == OmegaConf.is_struct(want)
     assert cached.hits == 3  # jobs 2, 4 and 6
 
+
+
+def test_sweep_primes_the_cache_so_every_trial_is_a_hit(loader, tmp_path) -> None:
+    """The sweeper composes one job config of the trials' shape before its first trial (worker
+    start-up), so no trial pays a full composition; the configs still equal Hydra's own."""
+    from hydra.core.utils import JobReturn, JobStatus
+    from hydra.types import HydraContext
+
+    from lora_sweep.sweep.runner import SweepRunner
+
+    master = loader.load_configuration(
+        config_name="config", run_mode=RunMode.MULTIRUN,
+        overrides=[f"results_dir={tmp_path}", "hydra.sweeper.n_trials=3", "hydra.sweeper.n_jobs=1"],
+    )
+    composed: list[list[str]] = []
+
+    class InProcessLauncher:  # what Hydra's basic launcher does with the loader, without running jobs
+        hydra_context = HydraContext(config_loader=loader, callbacks=None)
+        config = master
+
+        def launch(self, job_overrides, initial_job_idx):  # noqa: ANN001, ANN202
+            out = []
+            for overrides in job_overrides:
+                got = self.hydra_context.config_loader.load_sweep_config(self.config, list(overrides))
+                want = loader.load_sweep_config(master, list(overrides))
+                assert OmegaConf.to_container(got, resolve=False) == OmegaConf.to_container(want, resolve=False)
+                composed.append(list(overrides))
+                ret = JobReturn(status=JobStatus.COMPLETED)
+                ret.return_value = {"stability_index": 0.5, "constraint": -1.0}
+                out.append(ret)
+            return out
+
+    runner = SweepRunner(settings=master.hydra.sweeper, config=master, launcher=InProcessLauncher(), argv=["app.py"])
+    summary = runner.run([])
+    assert summary.finished == 3 and len(composed) == 3 and len(runner.study.trials) == 3  # no scratch trial
+    assert runner.launcher.hydra_context.config_loader.hits == 3  # the first trial included

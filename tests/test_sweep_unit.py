@@ -236,3 +236,45 @@ def test_journal_storage_is_kept_per_process_until_the_file_is_replaced(tmp_path
     Path(path).unlink()
     fresh = study_mod.open_storage(path)
     assert fresh is not first and fresh.get_all_studies() == []
+
+
+def test_tell_writes_each_attr_once_and_rows_stay_whole(tmp_path: Path) -> None:
+    """Every user attr is an fsync'd journal record: `tell` writes `status`/`reason` once (not
+    from the job's row and again), and not a key whose value the trial already has as a param;
+    the exported row still has every column."""
+    import json
+
+    from hydra.core.utils import JobReturn, JobStatus
+    from omegaconf import OmegaConf
+
+    from lora_sweep.sweep.runner import SweepRunner
+
+    class FakeLauncher:
+        def launch(self, job_overrides, initial_job_idx):  # noqa: ANN001, ANN202
+            out = []
+            for overrides in job_overrides:
+                x = float(next(o for o in overrides if o.startswith("x=")).split("=", 1)[1])
+                ret = JobReturn(status=JobStatus.COMPLETED)
+                ret.return_value = {"x": x, "score": -x * x, "status": "success", "reason": "", "steps": 3}
+                out.append(ret)
+            return out
+
+    config = OmegaConf.create({"results_dir": str(tmp_path),
+                               "hydra": {"sweep": {"dir": str(tmp_path / "m"), "subdir": "${hydra.job.num}"},
+                                         "job": {"name": "s"}}})
+    settings = {"n_trials": 2, "objective": {"score": "maximize"}, "params": {"x": "interval(0.0, 1.0)"},
+                "sampler": {"_target_": "optuna.samplers.RandomSampler"}, "storage": str(tmp_path / "j.log")}
+    runner = SweepRunner(settings=settings, config=config, launcher=FakeLauncher(), argv=["app.py"],
+                         is_basic_launcher=False)
+    assert runner.run([]).finished == 2
+    records = [json.loads(line) for line in (tmp_path / "j.log").read_text().splitlines()]
+    written = [(r["trial_id"], key) for r in records if "user_attr" in r and "trial_id" in r for key in r["user_attr"]]
+    assert len(written) == len(set(written))  # no attr written twice
+    assert not any(key == "x" for _, key in written)  # the param itself
+    trial = runner.study.trials[0]
+    assert trial.user_attrs["status"] == "success" and trial.user_attrs["steps"] == 3
+    from lora_sweep.analysis import trials_from_study
+
+    frame = trials_from_study(runner.study)
+    assert len(frame) == 2 and frame.loc[0, "x"] == trial.params["x"]  # the column comes from the param
+    assert frame.loc[0, "steps"] == 3 and frame.loc[0, "status"] == "success"
