@@ -11,7 +11,9 @@ warm-up epoch first compiles every shape (oneDNN creates a bf16 kernel per new m
 
   fp32             train.precision=fp32 (peft's nn.Dropout)
   bf16 autocast    + bf16 autocast as HF Trainer's bf16=True does: attention in bf16 too
-  + fp32 attention + SDPA in fp32 under autocast (lora_sweep.precision.mixed_precision)
+  + fp32 attention + SDPA in fp32 under autocast, with transformers' explicit mask
+  + causal kernel  + no mask for right-padded batches: SDPA's is_causal path
+                     (lora_sweep.precision.mixed_precision / causal_sdpa_mask)
   + fast dropout   + FastDropout for LoRA's dropout: what the CLI runs (lora_sweep.dropout)
 
 Prints real tokens/s per variant (median over rounds) and the ratio to the one before it.
@@ -40,7 +42,8 @@ from lora_sweep.lora import apply_lora  # noqa: E402
 from lora_sweep.model import load_model, load_tokenizer  # noqa: E402
 from lora_sweep.precision import mixed_precision  # noqa: E402
 
-VARIANTS = ("fp32", "bf16 autocast", "+ fp32 attention", "+ fast dropout")
+VARIANTS = ("fp32", "bf16 autocast", "+ fp32 attention", "+ causal kernel", "+ fast dropout")
+MASKED_FP32_SDPA = "bench_sdpa_fp32_explicit_mask"  # fp32 attention with transformers' own sdpa_mask
 
 
 def make_step(model_dir: Path, variant: str, stack: contextlib.ExitStack) -> Callable[[dict], float]:
@@ -66,6 +69,15 @@ def make_step(model_dir: Path, variant: str, stack: contextlib.ExitStack) -> Cal
         autocast = lambda: torch.autocast("cpu", dtype=torch.bfloat16)  # noqa: E731
     else:
         autocast = stack.enter_context(mixed_precision(model, "bf16", cpu))
+        if variant == "+ fp32 attention":
+            from transformers import AttentionInterface
+            from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+
+            from lora_sweep.precision import sdpa_fp32_attention_forward
+
+            AttentionInterface.register(MASKED_FP32_SDPA, sdpa_fp32_attention_forward)
+            AttentionMaskInterface.register(MASKED_FP32_SDPA, sdpa_mask)
+            model.get_base_model().set_attn_implementation(MASKED_FP32_SDPA)  # mixed_precision restores sdpa
 
     def step(batch: dict) -> float:
         with autocast():

@@ -5,7 +5,9 @@ AdamW state stay in their own dtype (fp32), and the loss is computed in fp32. On
 attention is the exception: it runs in fp32 with autocast off, because the CPU's bf16
 SDPA backward is about 2x slower than its fp32 one (measured with torch 2.13 on 2 threads,
 AVX-512 BF16 + AMX, see BENCHMARKS.md), and autocast would otherwise cast fp32 inputs
-straight back to bf16. On CUDA bf16 attention is the fast path and is left alone.
+straight back to bf16. A right-padded batch there runs SDPA with `is_causal=True` instead of
+an explicit mask (`causal_sdpa_mask`: the same result on the real tokens, 1.07x per step on
+the 8M benchmark model). On CUDA bf16 attention is the fast path and is left alone.
 """
 
 from __future__ import annotations
@@ -68,13 +70,43 @@ def sdpa_fp32_attention_forward(
     return out.to(query.dtype), weights
 
 
+def is_right_padded(attention_mask: torch.Tensor) -> bool:
+    """True when no row of a 2-D boolean mask has a real token after a padding position."""
+    return not bool((~attention_mask[:, :-1] & attention_mask[:, 1:]).any())
+
+
+def causal_sdpa_mask(**kwargs) -> torch.Tensor | None:
+    """transformers' `sdpa_mask`, except that a right-padded training batch gets no mask at all:
+    SDPA then runs with `is_causal=True` and skips the blocks above the diagonal.
+
+    Exact for the real tokens: with padding only at the end of a row, the causal mask already
+    keeps every real query off every padding key. Only the padding queries change (they see
+    the real tokens before them), and their outputs carry no label. Anything else (left
+    padding, a cache, sliding windows, packed sequences) goes to `sdpa_mask` unchanged.
+    """
+    from transformers.masking_utils import causal_mask_function, sdpa_mask
+
+    mask = kwargs.get("attention_mask")
+    if (
+        kwargs.get("allow_is_causal_skip", True)
+        and mask is not None and mask.dtype == torch.bool and mask.dim() == 2
+        and kwargs.get("mask_function", causal_mask_function) is causal_mask_function
+        and kwargs.get("local_size") is None
+        and kwargs.get("q_offset", 0) == 0 and kwargs.get("kv_offset", 0) == 0
+        and kwargs["q_length"] == kwargs["kv_length"] == mask.shape[-1]
+        and is_right_padded(mask)
+    ):
+        return None
+    return sdpa_mask(**kwargs)
+
+
 def register_fp32_sdpa() -> None:
-    """Make `FP32_SDPA` a valid `attn_implementation` (idempotent). It builds its mask like SDPA."""
+    """Make `FP32_SDPA` a valid `attn_implementation` (idempotent), with `causal_sdpa_mask`."""
     from transformers import AttentionInterface
-    from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+    from transformers.masking_utils import AttentionMaskInterface
 
     AttentionInterface.register(FP32_SDPA, sdpa_fp32_attention_forward)
-    AttentionMaskInterface.register(FP32_SDPA, sdpa_mask)
+    AttentionMaskInterface.register(FP32_SDPA, causal_sdpa_mask)
 
 
 def _transformers_model(model: nn.Module) -> nn.Module | None:

@@ -12,7 +12,7 @@ from lora_sweep.config import LoraSettings, ModelConfig, TrainConfig
 from lora_sweep.dropout import FastDropout, use_fast_dropout
 from lora_sweep.lora import apply_lora
 from lora_sweep.model import load_model
-from lora_sweep.precision import FP32_SDPA, mixed_precision, register_fp32_sdpa
+from lora_sweep.precision import FP32_SDPA, causal_sdpa_mask, is_right_padded, mixed_precision, register_fp32_sdpa
 from lora_sweep.train import train_loop
 
 CPU = torch.device("cpu")
@@ -47,6 +47,29 @@ class _SdpaDtypes(TorchDispatchMode):
         if "scaled_dot_product" in name and "backward" not in name:
             self.seen.append(args[0].dtype)
         return func(*args, **(kwargs or {}))
+
+
+class _SdpaMasks(TorchDispatchMode):
+    """Records, for every SDPA forward kernel call, (explicit mask given, is_causal)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.seen: list[tuple[bool, bool]] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        name = func.name()
+        if "scaled_dot_product" in name and "backward" not in name:
+            kwargs = kwargs or {}
+            mask = kwargs.get("attn_mask", args[6] if len(args) > 6 else None)
+            causal = kwargs.get("is_causal", args[4] if len(args) > 4 else False)
+            self.seen.append((mask is not None, bool(causal)))
+        return func(*args, **(kwargs or {}))
+
+
+def _left_padded(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    mask = batch["attention_mask"].flip(1)
+    ids = batch["input_ids"].flip(1)
+    return {"input_ids": ids, "attention_mask": mask, "labels": ids.masked_fill(mask == 0, -100)}
 
 
 # --------------------------------------------------------------------------- attention precision
@@ -162,3 +185,54 @@ def test_lora_on_cpu_gets_fast_dropout_and_unloads_cleanly(tiny_ckpt: Path) -> N
     assert use_fast_dropout(model) == 0  # idempotent
     restored = model.unload()
     assert [n for n, _ in restored.named_modules()] == names_before
+
+
+# --------------------------------------------------------------------------- causal kernel for right padding
+def test_causal_mask_is_skipped_only_for_right_padded_training_batches() -> None:
+    right = _batch()["attention_mask"].bool()
+    left = right.flip(1)
+    hole = torch.ones(2, 6, dtype=torch.bool)
+    hole[0, 2] = False
+    assert is_right_padded(right) and not is_right_padded(left) and not is_right_padded(hole)
+
+    def mask(attention_mask: torch.Tensor, **extra) -> torch.Tensor | None:
+        n = attention_mask.shape[1]
+        return causal_sdpa_mask(batch_size=attention_mask.shape[0], q_length=n, kv_length=n,
+                                attention_mask=attention_mask, **extra)
+
+    assert mask(right) is None  # SDPA's is_causal covers it
+    for other in (mask(left), mask(hole), mask(right, local_size=4), mask(right, allow_is_causal_skip=False)):
+        assert other is not None and other.shape == (other.shape[0], 1, other.shape[2], other.shape[3])
+    from transformers.masking_utils import sliding_window_causal_mask_function
+
+    assert mask(right, mask_function=sliding_window_causal_mask_function(4)) is not None
+
+
+def test_bf16_training_uses_the_causal_kernel_on_right_padding_only(tiny_ckpt: Path) -> None:
+    cfg = TrainConfig(lr=1e-3, batch_size=3, max_steps=1, warmup_steps=0, log_every=1)
+    for batch, want in ((_batch(), (False, True)), (_left_padded(_batch()), (True, False))):
+        with _SdpaMasks() as spy:
+            train_loop(_model(tiny_ckpt), iter([batch]), cfg, CPU, precision="bf16")
+        assert spy.seen and set(spy.seen) == {want}
+
+
+def test_causal_kernel_gives_the_masked_result_on_real_tokens(tiny_ckpt: Path) -> None:
+    """Several kernel blocks long: the real tokens' logits and the loss match the explicit mask."""
+    register_fp32_sdpa()
+    g = torch.Generator().manual_seed(1)
+    ids = torch.randint(3, 384, (4, 300), generator=g)
+    mask = torch.ones_like(ids)
+    for row, length in enumerate((300, 211, 97, 40)):
+        mask[row, length:] = 0
+    batch = {"input_ids": ids, "attention_mask": mask, "labels": ids.masked_fill(mask == 0, -100)}
+    model, real = _model(tiny_ckpt), mask.bool()
+    base = model.get_base_model()
+    with torch.no_grad():
+        masked = model(**batch)
+        base.set_attn_implementation(FP32_SDPA)
+        with _SdpaMasks() as spy:
+            causal = model(**batch)
+        base.set_attn_implementation("sdpa")
+    assert set(spy.seen) == {(False, True)}
+    assert torch.allclose(causal.logits[real], masked.logits[real], atol=1e-5, rtol=1e-5)
+    assert abs(float(causal.loss) - float(masked.loss)) < 1e-5
