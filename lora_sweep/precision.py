@@ -6,8 +6,8 @@ attention is the exception: it runs in fp32 with autocast off, because the CPU's
 SDPA backward is about 2x slower than its fp32 one (measured with torch 2.13 on 2 threads,
 AVX-512 BF16 + AMX, see BENCHMARKS.md), and autocast would otherwise cast fp32 inputs
 straight back to bf16. A right-padded batch there runs SDPA with `is_causal=True` instead of
-an explicit mask (`causal_sdpa_mask`: the same result on the real tokens, 1.07x per step on
-the 8M benchmark model). On CUDA bf16 attention is the fast path and is left alone.
+an explicit mask (`causal_sdpa_mask`: the same result on the real tokens, 1.02-1.05x per step
+on the 8M benchmark model). On CUDA bf16 attention is the fast path and is left alone.
 """
 
 from __future__ import annotations

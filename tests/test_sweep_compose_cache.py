@@ -49,7 +49,7 @@ def test_cached_job_configs_equal_hydra_composition(loader) -> None:
 
 
 
-def test_sweep_primes_the_cache_so_every_trial_is_a_hit(loader, tmp_path) -> None:
+def test_sweep_primes_the_cache_so_every_trial_is_a_hit(loader, tmp_path, capfd) -> None:
     """The sweeper composes one job config of the trials' shape before its first trial (worker
     start-up), so no trial pays a full composition; the configs still equal Hydra's own."""
     from hydra.core.utils import JobReturn, JobStatus
@@ -83,3 +83,4 @@ def test_sweep_primes_the_cache_so_every_trial_is_a_hit(loader, tmp_path) -> Non
     summary = runner.run([])
     assert summary.finished == 3 and len(composed) == 3 and len(runner.study.trials) == 3  # no scratch trial
     assert runner.launcher.hydra_context.config_loader.hits == 3  # the first trial included
+    assert "created in memory" not in capfd.readouterr().err  # the scratch study stays quiet

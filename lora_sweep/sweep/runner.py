@@ -386,7 +386,9 @@ class SweepRunner:
             return
         import optuna
 
+        verbosity = optuna.logging.get_verbosity()
         try:
+            optuna.logging.set_verbosity(optuna.logging.WARNING)  # no "new study created" line for it
             scratch = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=0))
             trial = scratch.ask(fixed_distributions=dict(self.space.distributions))
             overrides = self._task_overrides(trial) + [self._context(trial._trial_id, trial.number).override()]
@@ -395,6 +397,8 @@ class SweepRunner:
             loader.load_sweep_config(master, overrides)
         except Exception as err:  # noqa: BLE001 - the first trial composes (and reports) it again
             log.debug("job config not primed: %s", err)
+        finally:
+            optuna.logging.set_verbosity(verbosity)
 
     def _ask(self) -> tuple[Any, list[str]]:
         trial = self.study.ask(fixed_distributions=dict(self.space.distributions))
