@@ -28,9 +28,9 @@ from lora_sweep.config import ConfigError, RunConfig
 from lora_sweep.lora import LoraTargetError, apply_lora, count_parameters
 from lora_sweep.metrics import compute_metrics
 from lora_sweep.model import ModelError, load_model, load_tokenizer, resolve_device, resolve_model_dir
+from lora_sweep.precision import resolve_precision
 from lora_sweep.results import write_json, write_step_log
 from lora_sweep.selfcheck import MODEL_LEVEL_CHECKS, FirstStepCheck, run_self_check
-from lora_sweep.precision import resolve_precision
 from lora_sweep.train import LoopResult, StepHook, train_loop
 
 log = logging.getLogger(__name__)

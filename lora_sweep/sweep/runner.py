@@ -359,9 +359,11 @@ class SweepRunner:
         task_overrides = [f"{k}={v}" for k, v in self.space.fixed.items()]
         return task_overrides + to_overrides(params) + to_overrides(extra)
 
-    def _context(self, trial_id: int, trial_number: int) -> TrialContext:
+    def _hidden_overrides(self, trial_id: int, trial_number: int, subdir: str | None) -> list[str]:
+        """What the sweeper adds to a trial's own overrides: the context its job reports through,
+        and its job directory (None: the user's ``hydra.sweep.subdir`` applies)."""
         assert self.spec is not None
-        return TrialContext(
+        context = TrialContext(
             storage=self.storage,
             study_name=self.study_name,
             trial_id=trial_id,
@@ -370,6 +372,10 @@ class SweepRunner:
             directions=self.spec.directions,
             report_every=max(1, int(_setting(self.settings, "report_every", 1))),
         )
+        hidden = [context.override()]
+        if subdir is not None:
+            hidden.append(f"hydra.sweep.subdir={subdir}")
+        return hidden
 
     def _prime_job_configs(self) -> None:
         """Compose one job config of the trials' shape before the first trial.
@@ -391,9 +397,8 @@ class SweepRunner:
             optuna.logging.set_verbosity(optuna.logging.WARNING)  # no "new study created" line for it
             scratch = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=0))
             trial = scratch.ask(fixed_distributions=dict(self.space.distributions))
-            overrides = self._task_overrides(trial) + [self._context(trial._trial_id, trial.number).override()]
-            if self._subdir_is_default():
-                overrides.append(f"hydra.sweep.subdir={trial.number}")
+            subdir = str(trial.number) if self._subdir_is_default() else None
+            overrides = self._task_overrides(trial) + self._hidden_overrides(trial._trial_id, trial.number, subdir)
             loader.load_sweep_config(master, overrides)
         except Exception as err:  # noqa: BLE001 - the first trial composes (and reports) it again
             log.debug("job config not primed: %s", err)
@@ -403,7 +408,7 @@ class SweepRunner:
     def _ask(self) -> tuple[Any, list[str]]:
         trial = self.study.ask(fixed_distributions=dict(self.space.distributions))
         task_overrides = self._task_overrides(trial)
-        hidden = [self._context(trial._trial_id, trial.number).override()]
+        subdir = None
         if self._subdir_is_default():
             subdir = str(trial.number)
             sweep_dir = Path(self._sweep_dir())
@@ -411,8 +416,8 @@ class SweepRunner:
             while (sweep_dir / subdir).exists():  # never overwrite an old job dir
                 subdir = f"{trial.number}_rerun{k}"
                 k += 1
-            hidden.append(f"hydra.sweep.subdir={subdir}")
             trial.set_user_attr("job_dir", str(sweep_dir / subdir))
+        hidden = self._hidden_overrides(trial._trial_id, trial.number, subdir)
         trial.set_user_attr(study_mod.ATTR_WORKER, study_mod.worker_tag())
         trial.set_user_attr("overrides", shlex.join(task_overrides))
         log.info("[trial %d] %s", trial.number, " ".join(task_overrides) or "(no overrides)")
