@@ -21,7 +21,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from lora_sweep.config import RunConfig
 from lora_sweep.metrics import compute_metrics
-from lora_sweep.faults import crash_point
+from lora_sweep.sweep.faults import crash_point
 from lora_sweep.results import PAYLOAD_CSV_KEY, append_row
 from lora_sweep.train import StepHook, StepRecord
 

@@ -22,6 +22,8 @@ from typing import TYPE_CHECKING
 import numpy as np
 from filelock import FileLock
 
+from lora_sweep.sweep.durable import drop_torn_tail
+
 if TYPE_CHECKING:
     import pandas as pd
 
@@ -202,7 +204,7 @@ def _check_existing(csv_path: Path) -> tuple[bool, bool]:
 
 def _append_bytes(csv_path: Path, payload: bytes) -> None:
     """One O_APPEND write (looped only if the OS returns a short write), then fsync."""
-    from lora_sweep.faults import torn_write
+    from lora_sweep.sweep.faults import torn_write
 
     fd = os.open(csv_path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
     try:
@@ -213,32 +215,6 @@ def _append_bytes(csv_path: Path, payload: bytes) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
-
-
-def drop_torn_tail(path: str | os.PathLike[str], *, keep_torn: Path | None = None) -> int:
-    """Truncate a line-oriented file after its last '\n'; returns the bytes dropped.
-
-    Call it under the file's lock: every complete record ends in '\n', so a file that does
-    not can only end in an append whose writer was killed mid-write (a torn record). The torn
-    bytes are appended to `keep_torn` when given, so nothing is silently lost.
-    """
-    with open(path, "r+b") as handle:
-        handle.seek(0, os.SEEK_END)
-        if handle.tell() == 0:
-            return 0
-        handle.seek(-1, os.SEEK_END)
-        if handle.read(1) == b"\n":
-            return 0
-        handle.seek(0)
-        data = handle.read()
-        keep = data.rfind(b"\n") + 1
-        if keep_torn is not None:
-            with open(keep_torn, "ab") as side:
-                side.write(data[keep:] + b"\n")
-        handle.truncate(keep)
-        handle.flush()
-        os.fsync(handle.fileno())
-    return len(data) - keep
 
 
 def _has_trial_row(csv_path: Path, cells: Sequence[str]) -> bool:

@@ -2,7 +2,7 @@
 
 * Stale trials on every storage kind (journal, SQLite, PostgreSQL): a worker killed mid-trial
   leaves a RUNNING trial that the next run marks FAIL (stale) and re-queues with its params.
-* kill -9 of a real lora sweep at 5 named points (``LORA_SWEEP_FAULT``, see lora_sweep.faults):
+* kill -9 of a real lora sweep at 5 named points (``LORA_SWEEP_FAULT``, see lora_sweep.sweep.faults):
   mid-training, after the job recorded its result, DURING a CSV write (a torn row), between the
   job's return and the sweeper's tell, and DURING a journal-storage write (a torn record); every
   rerun recovers, and the last one reaches n_trials with one intact CSV row per finished trial.

@@ -51,7 +51,8 @@ def test_outcomes() -> None:
     assert outcome_from_return(1.5, plain).values == [1.5]
     assert outcome_from_return(math.inf, plain).state == "fail"
     assert outcome_from_return({"a": 1}, plain).state == "fail"
-    assert outcome_from_exception(MemoryError("x")).status == "oom"
+    oom = outcome_from_exception(MemoryError("x"))
+    assert oom.status == "failed" and oom.reason.startswith("out of memory")
     assert outcome_from_exception(optuna.TrialPruned()).state == "pruned"
     assert outcome_from_exception(RuntimeError("boom")).reason == "RuntimeError: boom"
 

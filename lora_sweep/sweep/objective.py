@@ -113,18 +113,38 @@ class Outcome:
     constraints: dict[str, float] = field(default_factory=dict)
 
 
-def _is_oom(exc: BaseException) -> bool:
+# How a job's ``status`` becomes its trial's Optuna state (the one mapping; apps that record
+# the state themselves, e.g. in a results row, read it from here).
+STATE_OF_STATUS: dict[str, str] = {
+    "success": "COMPLETE",
+    "pruned": "PRUNED",
+    "diverged": "FAIL",
+    "failed": "FAIL",
+}
+OOM_PREFIX = "out of memory"
+
+
+def is_out_of_memory(exc: BaseException) -> bool:
+    """Whether ``exc`` is an out-of-memory error (host ``MemoryError``, CUDA/MPS OOM)."""
     name = type(exc).__name__
-    return isinstance(exc, MemoryError) or "OutOfMemory" in name or "out of memory" in str(exc)
+    return isinstance(exc, MemoryError) or "OutOfMemory" in name or OOM_PREFIX in str(exc).lower()
+
+
+def failure_reason(exc: BaseException) -> str:
+    """One line saying why a job failed: ``out of memory: ...`` for an OOM, else
+    ``ExceptionType: first line of the message``."""
+    text = str(exc).strip()
+    first = text.splitlines()[0] if text else ""
+    if is_out_of_memory(exc):
+        return f"{OOM_PREFIX}: {first or type(exc).__name__}"[:2000]
+    return (f"{type(exc).__name__}: {first}" if first else type(exc).__name__)[:2000]
 
 
 def outcome_from_exception(exc: BaseException) -> Outcome:
-    """Outcome of a job that raised."""
+    """Outcome of a job that raised (status ``failed``; an OOM's reason starts ``out of memory``)."""
     if type(exc).__name__ == "TrialPruned":
         return Outcome(state="pruned", status="pruned", reason=str(exc) or "pruned by the pruner")
-    status = "oom" if _is_oom(exc) else "failed"
-    text = f"{type(exc).__name__}: {exc}".strip()
-    return Outcome(state="fail", status=status, reason=text[:2000])
+    return Outcome(state="fail", status="failed", reason=failure_reason(exc))
 
 
 def _scalar(value: Any) -> Any:
@@ -200,7 +220,7 @@ def outcome_from_return(ret: Any, spec: ObjectiveSpec) -> Outcome:
                 constraints[str(name)] = number
     if status == "pruned":
         return Outcome(state="pruned", status="pruned", reason=reason or "pruned", user_attrs=attrs)
-    if status in {"failed", "diverged", "oom"}:
+    if STATE_OF_STATUS.get(status) == "FAIL":
         return Outcome(
             state="fail", status=status, reason=reason or status, user_attrs=attrs,
             constraints=constraints,

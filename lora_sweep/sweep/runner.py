@@ -32,7 +32,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from lora_sweep.faults import crash_point
+from lora_sweep.sweep.faults import crash_point
 from lora_sweep.sweep import study as study_mod
 from lora_sweep.sweep.compose_cache import CachingConfigLoader
 from lora_sweep.sweep.context import ATTR_JOB_RESULT, STUDY_ATTR_PRUNER, TrialContext

@@ -37,7 +37,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from lora_sweep.results import drop_torn_tail
+from lora_sweep.sweep.durable import drop_torn_tail
 
 JOURNAL_NAME = "optuna_journal.log"
 ATTR_STATUS = "status"
@@ -153,7 +153,7 @@ def _repairing_backend_class() -> type:
 
     from optuna.storages.journal import JournalFileBackend
 
-    from lora_sweep.faults import torn_write
+    from lora_sweep.sweep.faults import torn_write
 
     class RepairingJournalFileBackend(JournalFileBackend):
         def append_logs(self, logs: list[dict[str, Any]]) -> None:

@@ -4,7 +4,7 @@ every call is a dictionary lookup and nothing else happens.
 
 Points (where they are reached):
 
-* ``step`` -- a sweep trial finished an optimizer step (``lora_sweep.job``, pruning hook);
+* ``step`` -- a sweep trial finished an optimizer step (the app's step hook, e.g. ``lora_sweep.job``);
 * ``after_record`` -- the job stored its result on the trial, its CSV row not yet written;
 * ``csv_write`` -- the CSV append, after HALF of the row's bytes were written (a torn row);
 * ``before_tell`` -- the job returned (row written), the sweeper has not told the study yet;
