@@ -6,7 +6,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from lora_sweep.results import RESULTS_FILENAME
+from lora_sweep.results import CSV_COLUMNS, RESULTS_FILENAME, write_rows
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -23,9 +23,23 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def export_csv(storage: str, study_name: str, csv_path: Path) -> int:
+    """Write ``csv_path`` (atomically) with one results row per finished, counted trial of the
+    study; returns the row count. User attrs outside the results schema are dropped, so the
+    file stays appendable by ``results.append_row``."""
+    import optuna
+
+    from lora_sweep.sweep.export import trial_rows
+    from lora_sweep.sweep.study import normalize_storage, open_storage
+
+    study = optuna.load_study(study_name=study_name, storage=open_storage(normalize_storage(storage)))
+    rows = trial_rows(study, columns=CSV_COLUMNS)
+    write_rows(csv_path, rows)
+    return len(rows)
+
+
 def main(argv: list[str]) -> int:
     """Returns the process exit code."""
-    from lora_sweep.sweep.export import export_csv
     from lora_sweep.sweep.study import JOURNAL_NAME
 
     args = build_parser().parse_args(argv)

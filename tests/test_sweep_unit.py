@@ -10,7 +10,7 @@ import pytest
 
 from lora_sweep.sweep import study as study_mod
 from lora_sweep.sweep.context import TrialContext, TrialReporter
-from lora_sweep.sweep.export import export_csv
+from lora_sweep.export_cli import export_csv
 from lora_sweep.sweep.objective import (
     ObjectiveConfigError,
     outcome_from_exception,
@@ -19,26 +19,41 @@ from lora_sweep.sweep.objective import (
 )
 from lora_sweep.sweep.samplers import build_pruner, build_sampler, grid_search_space
 from lora_sweep.sweep.space import parse_search_space
+from lora_sweep.sweep_hooks import OBJECTIVES
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
 
 
 def test_objective_presets_and_mapping() -> None:
+    known = OBJECTIVES  # what lora_sweep's hooks declare
     assert parse_objective(None, "maximize").directions == ("maximize",)
-    assert parse_objective("stability_index").directions == ("maximize",)
-    spec = parse_objective(["stability_index", "final_loss"])
+    assert parse_objective("stability_index", known=known).directions == ("maximize",)
+    spec = parse_objective(["stability_index", "final_loss"], known=known)
     assert spec.names == ("stability_index", "final_loss")
     assert spec.directions == ("maximize", "minimize")
-    assert parse_objective({"acc": "maximize"}).names == ("acc",)
-    assert parse_objective("acc", "maximize").directions == ("maximize",)
+    assert parse_objective({"acc": "maximize"}, known=known).names == ("acc",)
+    assert parse_objective("acc", "maximize").directions == ("maximize",)  # an app that declares none
     with pytest.raises(ObjectiveConfigError):
         parse_objective(["acc", "loss"])
     with pytest.raises(ObjectiveConfigError):
         parse_objective(None, "up")
+    with pytest.raises(ObjectiveConfigError, match="'bogus' is not an objective .* valid: final_loss, quality, stability_index"):
+        parse_objective("bogus", known=known)
+
+
+def test_hooks_load_from_a_dotted_path_and_default_to_no_ops() -> None:
+    from lora_sweep.sweep.hooks import SweepHooks, SweepHooksError, load_hooks
+    from lora_sweep.sweep_hooks import HOOKS
+
+    assert load_hooks("lora_sweep.sweep_hooks.HOOKS") is HOOKS
+    plain = load_hooks(None)
+    assert type(plain) is SweepHooks and plain.objectives == {} and plain.on_recovered({}) is None
+    with pytest.raises(SweepHooksError, match="hydra.sweeper.hooks='no.such.thing' cannot be imported"):
+        load_hooks("no.such.thing")
 
 
 def test_outcomes() -> None:
-    spec = parse_objective("stability_index")
+    spec = parse_objective("stability_index", known=OBJECTIVES)
     ok = outcome_from_return({"stability_index": 0.7, "avg_loss": 2.0, "constraint": 0.5, "run_dir": "/x"}, spec)
     assert ok.state == "complete" and ok.values == [0.7]
     assert ok.constraints == {"constraint": 0.5} and ok.user_attrs["run_dir"] == "/x"

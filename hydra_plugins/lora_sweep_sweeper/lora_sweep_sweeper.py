@@ -52,7 +52,15 @@ class LoraSweepSweeper(Sweeper):
         )
 
     def sweep(self, arguments: List[str]) -> Any:
-        from lora_sweep.sweep.runner import USER_ERRORS, SweepRunner, format_summary
+        from lora_sweep.sweep.runner import (
+            EXIT_ABORTED,
+            EXIT_INTERRUPTED,
+            EXIT_USER_ERROR,
+            USER_ERRORS,
+            SweepAbortedError,
+            SweepRunner,
+            format_summary,
+        )
 
         assert self.config is not None
         launcher_target = str(self.config.hydra.launcher.get("_target_", ""))
@@ -67,7 +75,16 @@ class LoraSweepSweeper(Sweeper):
             summary = runner.run(arguments)
         except USER_ERRORS as exc:  # one clear line instead of a traceback
             print(f"lora_sweep: error: {exc}", file=sys.stderr, flush=True)
-            raise SystemExit(1) from None
+            code = EXIT_ABORTED if isinstance(exc, SweepAbortedError) else EXIT_USER_ERROR
+            raise SystemExit(code) from None
+        except KeyboardInterrupt:
+            if runner.worker_id == 0:
+                print(
+                    "lora_sweep: interrupted: the running trial was queued again (not counted as "
+                    "failed); run the same command again to resume",
+                    file=sys.stderr, flush=True,
+                )
+            raise SystemExit(EXIT_INTERRUPTED) from None
         if runner.worker_id == 0:
             print(format_summary(summary), flush=True)
         return summary

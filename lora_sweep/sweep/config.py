@@ -168,6 +168,9 @@ class LoraSweepSweeperConf:
     custom_search_space: Optional[str] = None
     # list of {param: value} dicts queued before sampling
     enqueue: Optional[List[Any]] = None
+    # "package.module.NAME" of the app's hooks (lora_sweep.sweep.hooks): the objectives its jobs
+    # report, what to write when a trial is finished from its recorded result
+    hooks: Optional[str] = None
     # command printed in the end-of-sweep replay line; null -> derived from sys.argv
     replay_command: Optional[str] = None
     # internal: set on worker processes spawned by n_jobs (do not set by hand)

@@ -1,41 +1,35 @@
-"""Rebuild a results CSV from a study: one row per finished trial, from its user attrs.
+"""A study as table rows: one per finished trial, from its params and user attrs.
 
-Rows follow the project's results schema (`lora_sweep.results.CSV_COLUMNS`; user attrs
-outside it are dropped), so the file stays appendable by `results.append_row`. Exported are
-the trials that count towards `n_trials`, the same ones whose jobs appended a row: penalty
-records and stale trials (killed mid-run and re-queued under a new number) are not.
-Parameters fill same-named columns the job did not report. The file is replaced atomically.
+Exported are the trials that count towards ``n_trials``, the same ones whose jobs ran to the
+end: penalty records, stale trials (killed mid-run and re-queued under a new number) and
+interrupted ones (re-queued too) are not. What a row holds beyond its params is whatever the
+job returned (its user attrs); an app keeps only its own columns (``columns``).
 """
 
 from __future__ import annotations
 
-from pathlib import Path
+from collections.abc import Collection
 from typing import Any
 
-from lora_sweep.results import COLUMN_DOCS, write_rows
-from lora_sweep.sweep.study import ATTR_PENALTY_FOR, ATTR_STALE, normalize_storage, open_storage
+from lora_sweep.sweep.study import is_counted
 
 _FINISHED = ("COMPLETE", "PRUNED", "FAIL")
 
 
-def trial_rows(study: Any) -> list[dict[str, Any]]:
-    """One results row per finished, counted trial, ordered by trial number."""
+def trial_rows(study: Any, columns: Collection[str] | None = None) -> list[dict[str, Any]]:
+    """One row per finished, counted trial, ordered by trial number.
+
+    Args:
+        study: The Optuna study.
+        columns: Keep only these keys (None: every param and user attr). ``study_name``,
+            ``trial_number`` and ``state`` are always set.
+    """
     rows = []
     for trial in sorted(study.get_trials(deepcopy=False), key=lambda t: t.number):
-        attrs = trial.user_attrs
-        if trial.state.name not in _FINISHED or ATTR_PENALTY_FOR in attrs or attrs.get(ATTR_STALE):
+        if trial.state.name not in _FINISHED or not is_counted(trial):
             continue
-        row = {key: value for key, value in {**trial.params, **attrs}.items() if key in COLUMN_DOCS}
+        row = {key: value for key, value in {**trial.params, **trial.user_attrs}.items()
+               if columns is None or key in columns}
         row.update(study_name=study.study_name, trial_number=trial.number, state=trial.state.name)
         rows.append(row)
     return rows
-
-
-def export_csv(storage: str, study_name: str, csv_path: Path) -> int:
-    """Write `csv_path` with one row per finished trial of the study; returns the row count."""
-    import optuna
-
-    study = optuna.load_study(study_name=study_name, storage=open_storage(normalize_storage(storage)))
-    rows = trial_rows(study)
-    write_rows(csv_path, rows)
-    return len(rows)

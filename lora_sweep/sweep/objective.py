@@ -4,9 +4,11 @@ Objective config (``hydra.sweeper.objective``):
 
 * ``null`` -> the job returns a float (or a sequence of floats); directions from
   ``hydra.sweeper.direction`` (``minimize``/``maximize`` or a list);
-* a preset name (``stability_index``, ``quality``: maximize; ``final_loss``: minimize) or any
-  metric name with ``direction`` -> the job returns a Mapping, the value is read by name;
-* a list of names -> multi-objective (Pareto front); ``{name: direction, ...}`` for non-presets.
+* a name the app declares in its hooks' ``objectives`` (its direction comes from there; an
+  undeclared name is refused with the declared ones listed), or, for an app that declares none,
+  any metric name with ``direction`` -> the job returns a Mapping, the value is read by name;
+* a list of declared names -> multi-objective (Pareto front); ``{name: direction, ...}`` for
+  names the app does not declare.
 
 Job return values: a float; a sequence of floats; or a Mapping whose scalar entries all go to
 the trial's user attrs and whose special keys are honoured: ``status`` in {success, diverged,
@@ -24,11 +26,6 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-PRESETS: dict[str, str] = {
-    "stability_index": "maximize",
-    "quality": "maximize",
-    "final_loss": "minimize",
-}
 _DIRECTIONS = {"minimize", "maximize"}
 
 
@@ -60,13 +57,18 @@ def _check_direction(direction: Any) -> str:
     return d
 
 
-def parse_objective(objective: Any, direction: Any = "minimize") -> ObjectiveSpec:
+def parse_objective(
+    objective: Any, direction: Any = "minimize", known: Mapping[str, str] | None = None
+) -> ObjectiveSpec:
     """Builds an :class:`ObjectiveSpec` from the sweeper settings.
 
     Args:
         objective: None, a name, a list of names, or a mapping name -> direction.
-        direction: Used for plain-float apps and for a single non-preset name.
+        direction: Used for plain-float apps and for a single name of an app that declares no
+            objectives.
+        known: The app's declared objectives, name -> direction (its hooks' ``objectives``).
     """
+    presets = {str(k): _check_direction(v) for k, v in (known or {}).items()}
     if objective is None or objective == "":
         dirs = direction if isinstance(direction, Sequence) and not isinstance(direction, str) else [direction]
         return ObjectiveSpec(None, tuple(_check_direction(d) for d in dirs))
@@ -76,17 +78,19 @@ def parse_objective(objective: Any, direction: Any = "minimize") -> ObjectiveSpe
         items = [(str(k), _check_direction(v)) for k, v in objective.items()]
     else:
         names = [str(n) for n in objective]
-        if len(names) == 1 and names[0] not in PRESETS:
+        if len(names) == 1 and not presets:
             dirs = direction if isinstance(direction, str) else (list(direction) or ["minimize"])[0]
             items = [(names[0], _check_direction(dirs))]
         else:
-            unknown = [n for n in names if n not in PRESETS]
+            unknown = [n for n in names if n not in presets]
             if unknown:
+                valid = ", ".join(sorted(presets)) or "none declared"
                 raise ObjectiveConfigError(
-                    f"objective(s) {unknown} are not presets {sorted(PRESETS)}; give directions "
-                    "as a mapping, e.g. hydra.sweeper.objective={my_metric: maximize}"
+                    f"hydra.sweeper.objective: {', '.join(map(repr, unknown))} is not an objective "
+                    f"this app reports; valid: {valid} (or a list of them; for another metric "
+                    "give its direction, e.g. hydra.sweeper.objective={my_metric: maximize})"
                 )
-            items = [(n, PRESETS[n]) for n in names]
+            items = [(n, presets[n]) for n in names]
     if not items:
         raise ObjectiveConfigError("objective is empty")
     return ObjectiveSpec(tuple(n for n, _ in items), tuple(d for _, d in items))

@@ -24,8 +24,10 @@ import logging
 import math
 import os
 import shlex
+import signal
 import subprocess
 import sys
+import time
 import warnings
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -36,6 +38,7 @@ from lora_sweep.sweep.faults import crash_point
 from lora_sweep.sweep import study as study_mod
 from lora_sweep.sweep.compose_cache import CachingConfigLoader
 from lora_sweep.sweep.context import ATTR_JOB_RESULT, STUDY_ATTR_PRUNER, TrialContext
+from lora_sweep.sweep.hooks import SweepHooks, SweepHooksError, load_hooks
 from lora_sweep.sweep.objective import (
     ObjectiveConfigError,
     ObjectiveSpec,
@@ -51,6 +54,14 @@ log = logging.getLogger(__name__)
 DEFAULT_SUBDIR = "${hydra.job.num}"
 _VALUE_FLAGS = {"-cp", "-cn", "-cd", "--config-path", "--config-name", "--config-dir"}
 _SEED_STRIDE = 100_003
+# Exit codes of a sweep: bad settings or input (one line, nothing written), too many failed
+# trials, and Ctrl-C (128 + SIGINT, the shell's convention).
+EXIT_USER_ERROR = 2
+EXIT_ABORTED = 1
+EXIT_INTERRUPTED = 130
+# After a Ctrl-C, how long worker 0 waits for its workers (they got the same SIGINT from the
+# terminal) before it sends them one itself (a SIGINT sent to worker 0 alone).
+WORKER_STOP_GRACE_S = 5.0
 
 
 class SweepError(RuntimeError):
@@ -67,6 +78,7 @@ USER_ERRORS = (
     SearchSpaceError,
     ObjectiveConfigError,
     SamplerConfigError,
+    SweepHooksError,
     study_mod.StudyMismatchError,
 )
 
@@ -147,14 +159,14 @@ def _storage_error(storage: str, exc: BaseException) -> str:
     return f"cannot open the study storage {study_mod.redact(storage)}: {first} ({hint})"
 
 
-def _append_recorded_row(recorded: Mapping[str, Any]) -> None:
-    """Write the CSV row of a trial finished from its job's recorded result, unless the job had
-    written it before the sweep died (lora_sweep jobs record the CSV path with their result)."""
-    from lora_sweep.results import CSV_COLUMNS, PAYLOAD_CSV_KEY, append_row
-
-    csv_path = recorded.get(PAYLOAD_CSV_KEY)
-    if csv_path:
-        append_row(Path(str(csv_path)), {k: recorded.get(k) for k in CSV_COLUMNS}, once=True)
+def exit_on_next_sigint() -> None:
+    """After the first Ctrl-C the sweep records the interrupted trial; a second one exits at once
+    (the records are single appends or transactions: nothing is left torn, and a trial left
+    RUNNING is recovered and re-queued by the next run)."""
+    try:
+        signal.signal(signal.SIGINT, lambda signum, frame: os._exit(EXIT_INTERRUPTED))
+    except ValueError:  # not the main thread: the default handler stays
+        pass
 
 
 def _load_hook(path: str) -> Callable[[Any, Any], Any]:
@@ -256,6 +268,7 @@ class SweepRunner:
         self.storage = ""
         self.study_name = ""
         self._hook: Callable[[Any, Any], Any] | None = None
+        self.hooks: SweepHooks = SweepHooks()
 
     # ----------------------------------------------------------------- setup
     def _app_config(self) -> Any:
@@ -276,7 +289,10 @@ class SweepRunner:
     def prepare(self, arguments: Sequence[str]) -> None:
         """Parses everything that can fail before the storage is touched."""
         s = self.settings
-        self.spec = parse_objective(_plain(_setting(s, "objective")), _plain(_setting(s, "direction", "minimize")))
+        self.hooks = load_hooks(_setting(s, "hooks"))
+        self.spec = parse_objective(
+            _plain(_setting(s, "objective")), _plain(_setting(s, "direction", "minimize")), self.hooks.objectives
+        )
         self.space = parse_search_space(_plain(_setting(s, "params", {})), arguments)
         hook = _setting(s, "custom_search_space")
         self._hook = _load_hook(str(hook)) if hook else None
@@ -469,7 +485,7 @@ class SweepRunner:
         if not isinstance(recorded, Mapping) or self.spec is None:
             return False
         self._tell(optuna.trial.Trial(self.study, frozen._trial_id), outcome_from_return(dict(recorded), self.spec))
-        _append_recorded_row(recorded)
+        self.hooks.on_recovered(recorded)
         log.warning("[trial %d] finished from the result its job recorded before the sweep stopped", frozen.number)
         return True
 
@@ -506,6 +522,12 @@ class SweepRunner:
             trials = [t for t, _ in batch]
             try:
                 returns = self.launcher.launch([o for _, o in batch], initial_job_idx=trials[0].number)
+            except KeyboardInterrupt:
+                exit_on_next_sigint()
+                for trial in trials:  # not a failed configuration: no penalty, queued again
+                    study_mod.interrupt_trial(self.study, trial)
+                    log.warning("[trial %d] interrupted; its params are queued again", trial.number)
+                raise
             except BaseException as exc:
                 for trial in trials:  # the launcher itself failed: do not leave RUNNING trials
                     self._tell(trial, outcome_from_exception(exc))
@@ -538,6 +560,19 @@ class SweepRunner:
             log.info("Starting worker %d: %s", i, shlex.join(cmd))
             procs.append(subprocess.Popen(cmd, env=env))
         return procs
+
+    @staticmethod
+    def _wait_workers(procs: Sequence[subprocess.Popen[bytes]], *, interrupted: bool) -> list[int]:
+        """Exit codes of the spawned workers; after a Ctrl-C, a worker still running after
+        ``WORKER_STOP_GRACE_S`` is sent SIGINT (it records its own trial as interrupted)."""
+        if interrupted:
+            deadline = time.monotonic() + WORKER_STOP_GRACE_S
+            for proc in procs:
+                try:
+                    proc.wait(timeout=max(0.0, deadline - time.monotonic()))
+                except subprocess.TimeoutExpired:
+                    proc.send_signal(signal.SIGINT)
+        return [proc.wait() for proc in procs]
 
     # ----------------------------------------------------------------- run
     def run(self, arguments: Sequence[str]) -> SweepSummary:
@@ -577,11 +612,16 @@ class SweepRunner:
         else:
             batch_size = 1
         self._prime_job_configs()
+        interrupted = False
         try:
             self._loop(target, batch_size)
+        except KeyboardInterrupt:
+            interrupted = True
+            exit_on_next_sigint()
+            raise
         finally:
-            codes = [proc.wait() for proc in procs]
-            if any(codes):
+            codes = self._wait_workers(procs, interrupted=interrupted)
+            if any(codes) and not interrupted:
                 log.warning("Worker exit codes: %s", codes)
         if procs:
             if study_mod.recover_stale(self.study, finish=self._finish_recorded):  # a worker died mid-trial

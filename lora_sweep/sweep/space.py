@@ -33,12 +33,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from hydra.core.override_parser.overrides_parser import OverridesParser
-from hydra.core.override_parser.types import (
-    ChoiceSweep,
-    IntervalSweep,
-    Override,
-    RangeSweep,
-)
+from hydra.core.override_parser.types import ChoiceSweep, IntervalSweep, RangeSweep
 
 _INT_LITERAL = re.compile(r"^[+-]?\d+$")
 _INTERVAL_ARGS = re.compile(r"interval\(\s*([^,()]+?)\s*,\s*([^,()]+?)\s*\)")
@@ -135,8 +130,7 @@ def to_distribution(override: Override) -> Any:
         if log or "int" in tags:
             raise _fail(line, "tags log/int apply to interval/range, not choice")
         choices = []
-        for item in value.list:
-            item = Override._convert_value(item)
+        for item in value.list:  # the parser has already unquoted quoted strings
             if not (item is None or isinstance(item, (bool, int, float, str))):
                 raise _fail(
                     line,

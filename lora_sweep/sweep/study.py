@@ -17,11 +17,12 @@ server databases get ``SERVER_ENGINE_KWARGS`` (pre-ping, small pool), overridabl
 ``hydra.sweeper.engine_kwargs``; a bare ``postgresql://`` uses whichever driver is installed.
 
 Trial bookkeeping kept in trial user attributes (all visible in the dashboard):
-``status`` (success | pruned | failed | diverged | oom | stale | penalty), ``reason``,
+``status`` (success | pruned | failed | diverged | stale | interrupted | penalty), ``reason``,
 ``worker`` (``host:pid`` of the process that asked the trial), ``stale`` (a trial left
 RUNNING by a killed sweep; marked FAIL and re-queued, not counted towards ``n_trials``),
 ``penalty_for_trial`` (an infeasible COMPLETE record standing in for a failed trial so that
-samplers learn to avoid it; not counted either).
+samplers learn to avoid it; not counted either), ``interrupted`` (a trial stopped by Ctrl-C:
+FAIL without a penalty, its params re-queued, not counted), ``requeued_from_trial``.
 """
 
 from __future__ import annotations
@@ -45,6 +46,8 @@ ATTR_REASON = "reason"
 ATTR_WORKER = "worker"
 ATTR_STALE = "stale"
 ATTR_PENALTY_FOR = "penalty_for_trial"
+ATTR_INTERRUPTED = "interrupted"
+ATTR_REQUEUED_FROM = "requeued_from_trial"
 _SQLITE_SUFFIXES = (".db", ".sqlite", ".sqlite3")
 # A RUNNING trial without a worker attr is stale only this long after its start (see recover_stale).
 NO_WORKER_GRACE_S = 300.0
@@ -313,9 +316,11 @@ def _pid_alive(pid: int) -> bool:
     return True
 
 
-def _is_counted(trial: Any) -> bool:
+def is_counted(trial: Any) -> bool:
+    """Whether a trial counts towards ``n_trials`` (and is exported): not a penalty record, not
+    stale, not interrupted (those two were re-queued under a new number)."""
     attrs = trial.user_attrs
-    return not attrs.get(ATTR_STALE) and ATTR_PENALTY_FOR not in attrs
+    return not attrs.get(ATTR_STALE) and not attrs.get(ATTR_INTERRUPTED) and ATTR_PENALTY_FOR not in attrs
 
 
 @dataclass
@@ -341,7 +346,7 @@ def progress(study: Any) -> Progress:
 
     out = Progress()
     for trial in study.get_trials(deepcopy=False):
-        if not _is_counted(trial):
+        if not is_counted(trial):
             continue
         if trial.state == TrialState.RUNNING:
             out.running += 1
@@ -400,12 +405,35 @@ def recover_stale(
             study.tell(frozen.number, state=TrialState.FAIL)
         except UpdateFinishedTrialError:
             continue  # another process finished or recovered it meanwhile
-        if frozen.params:
-            study.enqueue_trial(
-                dict(frozen.params), user_attrs={"requeued_from_trial": frozen.number}
-            )
+        _requeue(study, frozen)
         stale.append(frozen.number)
     return stale
+
+
+def _requeue(study: Any, frozen: Any) -> None:
+    """Queue a trial's params again (the next ask runs them first)."""
+    if frozen.params:
+        study.enqueue_trial(dict(frozen.params), user_attrs={ATTR_REQUEUED_FROM: frozen.number})
+
+
+def interrupt_trial(study: Any, trial: Any) -> None:
+    """Record a RUNNING trial stopped by the user (Ctrl-C) and queue its params again.
+
+    It is told FAIL (Optuna has no "interrupted" state) with ``status: interrupted``, but it is
+    not a failed configuration: no penalty record steers the sampler away from it, it does not
+    count towards ``n_trials`` or the failure rate, and the next run starts with its params.
+    """
+    from optuna.exceptions import UpdateFinishedTrialError
+    from optuna.trial import TrialState
+
+    try:
+        trial.set_user_attr(ATTR_INTERRUPTED, True)
+        trial.set_user_attr(ATTR_STATUS, "interrupted")
+        trial.set_user_attr(ATTR_REASON, "interrupted by the user (Ctrl-C); its params are queued again")
+        frozen = study.tell(trial, state=TrialState.FAIL)
+    except UpdateFinishedTrialError:
+        return  # it finished (or was recovered by another process) meanwhile
+    _requeue(study, frozen)
 
 
 def worst_values(study: Any) -> list[float] | None:
@@ -416,7 +444,7 @@ def worst_values(study: Any) -> list[float] | None:
     directions = study.directions
     worst: list[float | None] = [None] * len(directions)
     for trial in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)):
-        if not _is_counted(trial) or trial.values is None:
+        if not is_counted(trial) or trial.values is None:
             continue
         for i, (value, direction) in enumerate(zip(trial.values, directions)):
             if not math.isfinite(value):

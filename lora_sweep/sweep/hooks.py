@@ -1,0 +1,66 @@
+"""What an app plugs into the sweeper: ``hydra.sweeper.hooks: package.module.NAME``.
+
+The sweeper knows nothing of the app it sweeps. An app that wants more than "a job returns a
+float or a mapping" names an object with any of these attributes (a :class:`SweepHooks`
+instance, a subclass, or a module):
+
+* ``objectives``: ``{metric name: direction}`` of the metrics its jobs return, so that
+  ``hydra.sweeper.objective=NAME`` needs no direction and an unknown name is refused with the
+  list of valid ones;
+* ``on_recovered(recorded)``: called when a trial is finished from the result its job recorded
+  (``TrialReporter.record_result``) because the sweep process died before telling the study;
+  the app writes whatever the job would have written after recording (e.g. a results row).
+  It must be idempotent: the job may have written it before the process died.
+"""
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import Mapping
+from typing import Any
+
+
+class SweepHooksError(ValueError):
+    """``hydra.sweeper.hooks`` names nothing importable."""
+
+
+class SweepHooks:
+    """The no-op hooks of an app that registers none (and a base class for apps)."""
+
+    objectives: Mapping[str, str] = {}
+
+    def on_recovered(self, recorded: Mapping[str, Any]) -> None:
+        """Finish the app-side effects of a trial told from its recorded job result."""
+
+
+class _ModuleHooks(SweepHooks):
+    """Hooks given as a module (or any object): missing attributes fall back to no-ops."""
+
+    def __init__(self, source: Any) -> None:
+        self._source = source
+        self.objectives = dict(getattr(source, "objectives", None) or {})
+
+    def on_recovered(self, recorded: Mapping[str, Any]) -> None:
+        handler = getattr(self._source, "on_recovered", None)
+        if handler is not None:
+            handler(recorded)
+
+
+def load_hooks(path: str | None) -> SweepHooks:
+    """The hooks object named by ``hydra.sweeper.hooks`` (``package.module`` or
+    ``package.module.NAME``); :class:`SweepHooks` when ``path`` is empty."""
+    if not path:
+        return SweepHooks()
+    module_name, _, attr = str(path).rpartition(".")
+    try:
+        try:
+            source: Any = importlib.import_module(str(path))
+        except ImportError:
+            source = getattr(importlib.import_module(module_name), attr)
+    except (ImportError, AttributeError, ValueError) as exc:
+        raise SweepHooksError(
+            f"hydra.sweeper.hooks={path!r} cannot be imported ({exc}); give 'package.module.NAME'"
+        ) from exc
+    if isinstance(source, type) and issubclass(source, SweepHooks):
+        source = source()
+    return source if isinstance(source, SweepHooks) else _ModuleHooks(source)
