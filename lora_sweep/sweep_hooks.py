@@ -18,9 +18,18 @@ OBJECTIVES: dict[str, str] = {
 
 
 class LoraSweepHooks(SweepHooks):
-    """Objectives of a LoRA trial; the CSV row of a trial finished after its sweep died."""
+    """Objectives of a LoRA trial, the study beside the results, and the CSV row of a trial
+    finished after its sweep died."""
 
     objectives = OBJECTIVES
+
+    def storage_dir(self, app_cfg: Any) -> str | None:
+        """The study lives beside the results CSV: ``<results_dir>/optuna_journal.log``."""
+        try:
+            results_dir = app_cfg.get("results_dir")
+        except Exception:  # noqa: BLE001 - an interpolation that does not resolve outside a job
+            return None
+        return str(results_dir) if results_dir else None
 
     def on_recovered(self, recorded: Mapping[str, Any]) -> None:
         """Append the trial's results row unless its job wrote it before the sweep died (the

@@ -48,6 +48,8 @@ def test_hooks_load_from_a_dotted_path_and_default_to_no_ops() -> None:
     assert load_hooks("lora_sweep.sweep_hooks.HOOKS") is HOOKS
     plain = load_hooks(None)
     assert type(plain) is SweepHooks and plain.objectives == {} and plain.on_recovered({}) is None
+    assert plain.storage_dir({"results_dir": "r"}) is None  # a generic app: the sweep dir
+    assert HOOKS.storage_dir({"results_dir": "r"}) == "r"  # lora_sweep: the study beside its CSV
     with pytest.raises(SweepHooksError, match="hydra.sweeper.hooks='no.such.thing' cannot be imported"):
         load_hooks("no.such.thing")
 
@@ -220,7 +222,7 @@ def test_trial_whose_job_recorded_a_result_is_finished_not_rerun(tmp_path: Path)
                                "hydra": {"sweep": {"dir": str(tmp_path / "m"), "subdir": "${hydra.job.num}"},
                                          "job": {"name": "s"}}})
     settings = {"n_trials": 1, "objective": {"score": "maximize"}, "params": {"x": "interval(0.0, 1.0)"},
-                "sampler": {"_target_": "optuna.samplers.RandomSampler"}}
+                "sampler": {"_target_": "optuna.samplers.RandomSampler"}, "storage": storage}
     runner = SweepRunner(settings=settings, config=config, launcher=None, argv=["app.py"])
     runner.prepare([])
     runner.open()

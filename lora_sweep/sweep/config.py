@@ -136,7 +136,7 @@ class LoraSweepSweeperConf:
     # total number of trials of the study (across resumes); a finished sweep does nothing
     n_trials: int = 20
     # Optuna storage: URL (sqlite:///..., postgresql://...) or journal file path;
-    # null -> <results_dir>/optuna_journal.log if the app has results_dir, else in the sweep dir
+    # null -> optuna_journal.log in the hooks' storage_dir (lora_sweep: results_dir), else the sweep dir
     storage: Optional[str] = None
     # SQLAlchemy create_engine options for an RDB storage (pool_size, pool_pre_ping, connect_args,
     # ...), merged over lora_sweep.sweep.study.SERVER_ENGINE_KWARGS (servers) or the SQLite timeout

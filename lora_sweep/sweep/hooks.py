@@ -7,6 +7,8 @@ instance, a subclass, or a module):
 * ``objectives``: ``{metric name: direction}`` of the metrics its jobs return, so that
   ``hydra.sweeper.objective=NAME`` needs no direction and an unknown name is refused with the
   list of valid ones;
+* ``storage_dir(app_cfg)``: the directory of the default journal storage (None: the sweep
+  directory), e.g. the app's own results directory, so that results and study live together;
 * ``on_recovered(recorded)``: called when a trial is finished from the result its job recorded
   (``TrialReporter.record_result``) because the sweep process died before telling the study;
   the app writes whatever the job would have written after recording (e.g. a results row).
@@ -29,6 +31,10 @@ class SweepHooks:
 
     objectives: Mapping[str, str] = {}
 
+    def storage_dir(self, app_cfg: Any) -> str | None:
+        """Where the default journal storage goes (None: the sweep directory)."""
+        return None
+
     def on_recovered(self, recorded: Mapping[str, Any]) -> None:
         """Finish the app-side effects of a trial told from its recorded job result."""
 
@@ -39,6 +45,10 @@ class _ModuleHooks(SweepHooks):
     def __init__(self, source: Any) -> None:
         self._source = source
         self.objectives = dict(getattr(source, "objectives", None) or {})
+
+    def storage_dir(self, app_cfg: Any) -> str | None:
+        handler = getattr(self._source, "storage_dir", None)
+        return handler(app_cfg) if handler is not None else None
 
     def on_recovered(self, recorded: Mapping[str, Any]) -> None:
         handler = getattr(self._source, "on_recovered", None)

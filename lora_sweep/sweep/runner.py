@@ -300,7 +300,7 @@ class SweepRunner:
         self.storage = (
             study_mod.normalize_storage(str(storage))
             if storage
-            else study_mod.default_storage(self._app_config(), self._sweep_dir())
+            else study_mod.default_storage(self.hooks.storage_dir(self._app_config()) or self._sweep_dir())
         )
         self.study_name = str(_setting(s, "study_name") or self.config.hydra.job.name)
         if is_grid(_setting(s, "sampler")) and not self.space.distributions:

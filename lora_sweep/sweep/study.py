@@ -1,6 +1,7 @@
 """Optuna storage and study: resolve the storage, open/resume the study, count progress.
 
-Storage choice: by default a journal file ``<results_dir>/optuna_journal.log`` (Optuna's
+Storage choice: by default a journal file ``optuna_journal.log`` in the directory the app's hooks
+name (``storage_dir``; lora_sweep: ``results_dir``) or else the sweep directory (Optuna's
 ``JournalStorage(JournalFileBackend(path))``). Measured for this project (DESIGN.md): under
 16-48 concurrent writers on 2 cores SQLite raised "database is locked" (fixable with a 60 s
 timeout, still 2-4x slower) while the journal file had no errors and was fastest;
@@ -78,15 +79,9 @@ def normalize_storage(storage: str) -> str:
     return str(path)
 
 
-def default_storage(app_cfg: Any, fallback_dir: str | Path) -> str:
-    """Default storage: ``<results_dir>/optuna_journal.log`` or the sweep dir's journal."""
-    results_dir = None
-    try:
-        results_dir = app_cfg.get("results_dir") if hasattr(app_cfg, "get") else None
-    except Exception:  # an interpolation that does not resolve outside a job
-        results_dir = None
-    base = Path(str(results_dir)) if results_dir else Path(str(fallback_dir))
-    return normalize_storage(str(base / JOURNAL_NAME))
+def default_storage(directory: str | Path) -> str:
+    """Default storage: the journal file ``<directory>/optuna_journal.log``."""
+    return normalize_storage(str(Path(str(directory)) / JOURNAL_NAME))
 
 
 def is_journal(storage: str) -> bool:
