@@ -21,8 +21,11 @@ l_t = ln L_t (L clamped below at ``LOG_FLOOR``), W = warm-up steps.
   forced to 0 by the divergence gate (first match wins):
     1. a non-finite L_t or g_t (first such step; loss is reported before grad);
     2. D > ln 3 (step = where the running drawup first exceeds ln 3);
-    3. final_loss >= 0.95 ln |V| (collapse to the uniform predictor; step = T;
-       only when ``vocab_size`` is given).
+    3. collapse to the uniform predictor: final_loss >= 0.95 ln |V| AND final_loss >=
+       initial_loss (the run ended at chance level without improving on its start; step = T;
+       only when ``vocab_size`` is given). A model that starts at or above chance level (a
+       random-init checkpoint starts at ~ln |V|; a small model on foreign text above it) and
+       whose loss falls is not judged collapsed, however high it still is.
 * ``quality`` = max(0, ln(initial_loss / final_loss)) * stability_index.
 * ``improvement`` = 1 - final_loss / initial_loss; ``learned`` = improvement >=
   min_improvement; ``constraint`` = min_improvement - improvement (Optuna
@@ -68,7 +71,8 @@ SPIKE_RATIO: float = math.log(1.5)
 SPIKE_WINDOW: int = 9
 """Number of preceding steps whose median is the spike baseline."""
 COLLAPSE_FRACTION: float = 0.95
-"""final_loss >= this * ln(vocab_size) means the model collapsed to uniform."""
+"""final_loss >= this * ln(vocab_size), with no improvement on the initial loss, means the
+model collapsed to uniform."""
 LOG_FLOOR: float = 1e-12
 """Values are clamped to at least this before taking logs (a loss or norm of 0)."""
 FINAL_FRACTION: float = 0.1
@@ -256,10 +260,12 @@ def _gate(
         )
     if vocab_size is not None:
         uniform = math.log(vocab_size)
-        if desc.final_loss >= COLLAPSE_FRACTION * uniform:
+        # got worse towards uniform: a high final loss alone also marks a model that began there
+        if desc.final_loss >= COLLAPSE_FRACTION * uniform and desc.final_loss >= desc.initial_loss:
             return losses.size, (
                 f"collapse to uniform: final loss {desc.final_loss:.4f} >= "
-                f"{COLLAPSE_FRACTION} * ln({vocab_size}) = {COLLAPSE_FRACTION * uniform:.4f}"
+                f"{COLLAPSE_FRACTION} * ln({vocab_size}) = {COLLAPSE_FRACTION * uniform:.4f} "
+                f"and not below the initial loss {desc.initial_loss:.4f}"
             )
     return None
 

@@ -291,6 +291,23 @@ def test_collapse_to_uniform_gates() -> None:
     # Final loss just under the threshold: no gate.
     below = np.full(50, COLLAPSE_FRACTION * uniform * 0.999)
     assert not compute_metrics(below, np.ones(50), warmup_steps=0, vocab_size=vocab).diverged
+    # A run that rose from a good loss to chance level collapsed (drawup ln(1.9) < ln 3 alone
+    # would not catch it).
+    rising = np.linspace(uniform / 1.9, uniform, 50)
+    m = compute_metrics(rising, np.ones(50), warmup_steps=0, vocab_size=vocab)
+    assert m.diverged and "collapse" in m.divergence_reason
+
+
+def test_collapse_gate_spares_a_model_that_starts_above_chance_and_improves() -> None:
+    """A random-init checkpoint starts at ~ln |V|, a small model on foreign text above it (measured:
+    10.6 against ln 1950 = 7.58, falling to 7.32): its loss fell, so it did not collapse."""
+    vocab = 1950
+    uniform = math.log(vocab)
+    from_above = np.linspace(10.6, 7.32, 60)
+    m = compute_metrics(from_above, np.ones(60), warmup_steps=5, vocab_size=vocab)
+    assert m.final_loss >= COLLAPSE_FRACTION * uniform and not m.diverged and m.stability_index > 0
+    from_chance = np.linspace(uniform, 0.96 * uniform, 60)  # random init, still near uniform
+    assert not compute_metrics(from_chance, np.ones(60), warmup_steps=5, vocab_size=vocab).diverged
 
 
 # ---------------------------------------------------------- quality / constraints
