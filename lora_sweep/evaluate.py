@@ -1,0 +1,99 @@
+"""Held-out loss: the token-weighted mean cross-entropy over every label of the validation set.
+
+Not a mean of batch means: each batch contributes its summed loss and its label-token count,
+so the value does not depend on how the set is batched. Batches are built for speed (sorted by
+length, so little padding; sized by a token budget, larger than training batches since no
+activations are kept for a backward pass) and right-padded, which leaves every real token's
+logits as they are unpadded (a test checks the value against one sequence at a time).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from lora_sweep.data import IGNORE_INDEX, Collator, Example
+
+EVAL_TOKENS_PER_BATCH = 8192
+"""Token budget (padded) of one evaluation batch."""
+
+
+@dataclass(frozen=True)
+class EvalResult:
+    """Held-out loss and what it was computed over."""
+
+    loss: float
+    label_tokens: int
+    seconds: float
+
+
+def eval_batches(
+    examples: Sequence[Example], pad_token_id: int, *, tokens_per_batch: int = EVAL_TOKENS_PER_BATCH
+) -> list[dict[str, torch.Tensor]]:
+    """Right-padded batches of the examples sorted longest first, each at most
+    ``tokens_per_batch`` padded tokens (one example per batch when it alone is longer)."""
+    collate = Collator(pad_token_id, padding_side="right")
+    order = sorted(range(len(examples)), key=lambda i: len(examples[i].input_ids), reverse=True)
+    batches, current, width = [], [], 0
+    for index in order:
+        length = len(examples[index].input_ids)
+        width = max(width, length)
+        if current and width * (len(current) + 1) > tokens_per_batch:
+            batches.append(current)
+            current, width = [], length
+        current.append(index)
+    if current:
+        batches.append(current)
+    return [
+        collate([
+            {"input_ids": torch.tensor(examples[i].input_ids), "labels": torch.tensor(examples[i].labels)}
+            for i in batch
+        ])
+        for batch in batches
+    ]
+
+
+def summed_loss(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """(sum of next-token cross-entropies over labels != -100, their count) of one batch, the
+    same shift as the model's own loss (position i predicts label i + 1)."""
+    shifted = labels[:, 1:].reshape(-1)
+    total = nn.functional.cross_entropy(
+        logits[:, :-1].reshape(-1, logits.shape[-1]).float(), shifted, ignore_index=IGNORE_INDEX, reduction="sum"
+    )
+    return total, int((shifted != IGNORE_INDEX).sum())
+
+
+@torch.no_grad()
+def evaluate_loss(
+    model: nn.Module,
+    batches: Sequence[dict[str, torch.Tensor]],
+    device: torch.device,
+    *,
+    autocast: Callable[[], Any] = contextlib.nullcontext,
+) -> EvalResult:
+    """The held-out loss of ``model`` in eval mode (no dropout, no gradients), under the
+    trial's precision (``autocast``: the training loop's per-forward context factory). The
+    model's train/eval mode is restored afterwards."""
+    start = time.perf_counter()
+    was_training = model.training
+    model.eval()
+    total = torch.zeros((), dtype=torch.float64, device=device)
+    count = 0
+    try:
+        for batch in batches:
+            inputs = {k: v.to(device, non_blocking=True) for k, v in batch.items() if k != "labels"}
+            with autocast():
+                logits = model(**inputs).logits
+            batch_sum, batch_count = summed_loss(logits, batch["labels"].to(device))
+            total += batch_sum.double()
+            count += batch_count
+    finally:
+        model.train(was_training)
+    loss = float(total) / count if count else float("nan")
+    return EvalResult(loss=loss, label_tokens=count, seconds=time.perf_counter() - start)

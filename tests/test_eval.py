@@ -1,0 +1,92 @@
+"""The validation split and the held-out loss."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from lora_sweep.data import Example, tokenize_records
+from lora_sweep.errors import DataError
+from lora_sweep.evaluate import eval_batches, evaluate_loss
+from lora_sweep.split import MIN_VAL_RECORDS, split_records, val_count
+
+
+def _records(n: int) -> list[dict[str, str]]:
+    return [{"instruction": f"task {i}", "input": "", "output": f"answer {i % 7}"} for i in range(n)]
+
+
+def test_split_is_deterministic_disjoint_and_independent_of_order() -> None:
+    records = _records(50)
+    train, val = split_records(records, val_size=0.2, seed=0)
+    assert len(val) == 10 and len(train) == 40
+    as_text = lambda rs: {json.dumps(r, sort_keys=True) for r in rs}  # noqa: E731
+    assert not as_text(train) & as_text(val)
+    again_train, again_val = split_records(list(reversed(records)), val_size=0.2, seed=0)
+    assert as_text(again_val) == as_text(val) and as_text(again_train) == as_text(train)
+    _, other_val = split_records(records, val_size=0.2, seed=1)
+    assert as_text(other_val) != as_text(val)  # the split seed moves it; nothing else does
+    assert train == [r for r in records if json.dumps(r, sort_keys=True) in as_text(train)]  # file order kept
+
+
+def test_identical_records_land_on_one_side() -> None:
+    records = _records(20) + _records(20)  # every record twice
+    train, val = split_records(records, val_size=5, seed=0)
+    texts = {json.dumps(r, sort_keys=True) for r in val}
+    assert all(json.dumps(r, sort_keys=True) not in texts for r in train)
+    assert len(val) >= 5 and len(val) % 2 == 0
+
+
+def test_val_count_floor_and_refusals() -> None:
+    assert val_count(400, 0.1) == 40
+    assert val_count(10, 0.1) == MIN_VAL_RECORDS  # the floor
+    assert val_count(10, 3) == 3
+    with pytest.raises(DataError, match="data.val_size=10 leaves 0 training"):
+        val_count(10, 10)
+    with pytest.raises(DataError, match="leaves"):
+        val_count(3, 0.5)  # the floor of 4 leaves nothing to train on
+    with pytest.raises(DataError):
+        val_count(10, 0)
+
+
+def test_eval_loss_equals_one_sequence_at_a_time(tiny_ckpt: Path) -> None:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_ckpt)
+    model = AutoModelForCausalLM.from_pretrained(tiny_ckpt, attn_implementation="sdpa")
+    records = [{"instruction": "word " * n, "input": "", "output": "reply " * (n % 5 + 1)} for n in range(1, 30, 3)]
+    examples = tokenize_records(records, tokenizer, template="plain", max_length=64, mask_prompt=True)
+    lengths = {len(e.input_ids) for e in examples}
+    assert len(lengths) > 3  # batches really pad
+    batches = eval_batches(examples, tokenizer.pad_token_id, tokens_per_batch=128)
+    assert 1 < len(batches) < len(examples)
+    model.train()
+    result = evaluate_loss(model, batches, torch.device("cpu"))
+    assert model.training  # mode restored
+
+    total, count = 0.0, 0
+    model.eval()
+    with torch.no_grad():
+        for e in examples:
+            ids, labels = torch.tensor([e.input_ids]), torch.tensor([e.labels])
+            n = int((labels[:, 1:] != -100).sum())
+            total += float(model(input_ids=ids, labels=labels).loss) * n  # the model's own mean
+            count += n
+    assert result.label_tokens == count
+    assert result.loss == pytest.approx(total / count, abs=1e-5)
+    # a mean of batch means would differ: the batches hold different numbers of labels
+    means = []
+    with torch.no_grad():
+        for batch in batches:
+            out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], labels=batch["labels"])
+            means.append(float(out.loss))
+    assert abs(sum(means) / len(means) - result.loss) > 1e-4
+
+
+def test_eval_batches_respect_the_token_budget() -> None:
+    examples = [Example(input_ids=tuple(range(n)), labels=tuple(range(n))) for n in (5, 40, 12, 33, 7, 40)]
+    batches = eval_batches(examples, 0, tokens_per_batch=80)
+    assert all(b["input_ids"].numel() <= 80 for b in batches)
+    assert sum(int(b["attention_mask"].sum()) for b in batches) == sum(len(e.input_ids) for e in examples)
