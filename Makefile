@@ -13,9 +13,11 @@ PYTEST_ARGS ?=
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
 
+# The plain editable install users type: hatchling makes it a .pth line naming the checkout,
+# so Hydra finds the sweeper plugin from any directory.
 $(VENV)/.installed: pyproject.toml | $(BIN)/python
 	$(BIN)/python -m pip install --quiet "$(TORCH)"
-	$(BIN)/python -m pip install --quiet -e ".[dev,dashboard]" --config-settings editable_mode=compat
+	$(BIN)/python -m pip install --quiet -e ".[dev,dashboard]"
 	touch $@
 
 setup: $(VENV)/.installed
