@@ -9,6 +9,10 @@ instance, a subclass, or a module):
   list of valid ones;
 * ``storage_dir(app_cfg)``: the directory of the default journal storage (None: the sweep
   directory), e.g. the app's own results directory, so that results and study live together;
+* ``best_trials(study)``: the trial(s) the end-of-sweep summary reports as best (None:
+  Optuna's ``best_trial(s)``, the best feasible by the objective), for an app whose "best" also
+  weighs something the objective does not;
+* ``summary_lines(study)``: more lines for the end-of-sweep summary;
 * ``on_recovered(recorded)``: called when a trial is finished from the result its job recorded
   (``TrialReporter.record_result``) because the sweep process died before telling the study;
   the app writes whatever the job would have written after recording (e.g. a results row).
@@ -35,6 +39,14 @@ class SweepHooks:
         """Where the default journal storage goes (None: the sweep directory)."""
         return None
 
+    def best_trials(self, study: Any) -> list[Any] | None:
+        """The summary's best trial(s); None: Optuna's best feasible by the objective."""
+        return None
+
+    def summary_lines(self, study: Any) -> list[str]:
+        """Extra lines for the end-of-sweep summary."""
+        return []
+
     def on_recovered(self, recorded: Mapping[str, Any]) -> None:
         """Finish the app-side effects of a trial told from its recorded job result."""
 
@@ -49,6 +61,14 @@ class _ModuleHooks(SweepHooks):
     def storage_dir(self, app_cfg: Any) -> str | None:
         handler = getattr(self._source, "storage_dir", None)
         return handler(app_cfg) if handler is not None else None
+
+    def best_trials(self, study: Any) -> list[Any] | None:
+        handler = getattr(self._source, "best_trials", None)
+        return handler(study) if handler is not None else None
+
+    def summary_lines(self, study: Any) -> list[str]:
+        handler = getattr(self._source, "summary_lines", None)
+        return list(handler(study)) if handler is not None else []
 
     def on_recovered(self, recorded: Mapping[str, Any]) -> None:
         handler = getattr(self._source, "on_recovered", None)

@@ -95,6 +95,7 @@ class SweepSummary:
     best: list[dict[str, Any]] = field(default_factory=list)
     replay_commands: list[str] = field(default_factory=list)
     nothing_to_do: bool = False
+    notes: list[str] = field(default_factory=list)
 
 
 def _setting(settings: Any, key: str, default: Any = None) -> Any:
@@ -637,10 +638,13 @@ class SweepRunner:
             study_name=self.study_name, storage=self.storage, finished=p.finished,
             failed=p.failed, pruned=p.pruned,
         )
-        try:
-            best = self.study.best_trials if len(self.spec.directions) > 1 else [self.study.best_trial]
-        except ValueError:
-            best = []
+        best = self.hooks.best_trials(self.study)
+        if best is None:
+            try:
+                best = self.study.best_trials if len(self.spec.directions) > 1 else [self.study.best_trial]
+            except ValueError:
+                best = []
+        out.notes = list(self.hooks.summary_lines(self.study))
         replay = _setting(self.settings, "replay_command")
         base = shlex.split(str(replay)) if replay else app_command(self.argv)
         for trial in best:
@@ -671,4 +675,5 @@ def format_summary(summary: SweepSummary) -> str:
         )
         lines.append(f"[lora_sweep] best trial {best['number']}: {values}; params {best['params']}")
         lines.append(f"[lora_sweep] replay: {command}")
+    lines.extend(f"[lora_sweep] {note}" for note in summary.notes)
     return "\n".join(lines)
