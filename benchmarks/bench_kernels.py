@@ -2,10 +2,11 @@
 
     .venv/bin/python benchmarks/bench_kernels.py                  # head_dim 64 and 32, ~8 min on 2 CPU cores
     .venv/bin/python benchmarks/bench_kernels.py --head-dims 64 --rounds 1
+    .venv/bin/python benchmarks/bench_kernels.py --data /path/to/alpaca_seed_tasks.json
 
 One process holds one model per variant, all built from the same checkpoint and LoRA init.
 Every batch of a length-grouped epoch (the benchmark data of bench_trial.py) is trained by
-each variant in turn, so a slow second on a shared machine costs every variant alike; one
+each variant in turn, so a slow second on a busy machine costs every variant alike; one
 warm-up epoch first compiles every shape (oneDNN creates a bf16 kernel per new matrix shape,
 ~2 ms each). Variants, each adding one technique:
 
@@ -16,7 +17,10 @@ warm-up epoch first compiles every shape (oneDNN creates a bf16 kernel per new m
                      (lora_sweep.precision.mixed_precision / causal_sdpa_mask)
   + fast dropout   + FastDropout for LoRA's dropout: what the CLI runs (lora_sweep.dropout)
 
-Prints real tokens/s per variant (median over rounds) and the ratio to the one before it.
+Data: bench_trial.py's (`--data`, default `$LORA_SWEEP_SEED_TASKS`, else records generated from
+the embedded sanity samples in the seed tasks' shape), the records with 20-400 tokens; the data
+used is printed. Prints real tokens/s per variant (median over rounds) and the ratio to the one
+before it.
 """
 
 from __future__ import annotations
@@ -38,6 +42,7 @@ import torch  # noqa: E402
 
 from lora_sweep import data as data_lib  # noqa: E402
 from lora_sweep.config import ModelConfig  # noqa: E402
+from lora_sweep.embedded import TINY_LLAMA_DIR  # noqa: E402
 from lora_sweep.lora import apply_lora  # noqa: E402
 from lora_sweep.model import load_model, load_tokenizer  # noqa: E402
 from lora_sweep.precision import mixed_precision  # noqa: E402
@@ -91,10 +96,9 @@ def make_step(model_dir: Path, variant: str, stack: contextlib.ExitStack) -> Cal
     return step
 
 
-def run(head_dim: int, rounds: int, tmp: Path) -> dict[str, float]:
+def run(head_dim: int, rounds: int, tmp: Path, records: list[dict[str, str]]) -> dict[str, float]:
     model_dir = bench.build_model_dir(tmp / f"llama8m_hd{head_dim}", head_dim)
     tokenizer = load_tokenizer(model_dir, ModelConfig(name="local", path=str(model_dir)))
-    records = data_lib.load_records(bench.SHARED_DATA)
     examples = [e for e in data_lib.tokenize_records(records, tokenizer, template="plain", max_length=bench.MAX_LENGTH,
                                                      mask_prompt=False)
                 if bench.MIN_TEXT_TOKENS <= len(e.input_ids) <= 400]
@@ -125,13 +129,21 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--head-dims", type=int, nargs="+", default=[64, 32])
     parser.add_argument("--rounds", type=int, default=3, help="epochs measured (medians reported)")
+    bench.add_data_argument(parser)
     args = parser.parse_args()
     bench.offline_hub()
-    print(f"{torch.get_num_threads()} torch threads, bf16 native={torch.ops.mkldnn._is_mkldnn_bf16_supported()}, "
-          f"torch {torch.__version__}; 8-sample length-grouped batches of the 140 seed tasks with 20-400 tokens")
     tmp = Path(tempfile.mkdtemp(prefix="bench_kernels_"))
+    tokenizer = load_tokenizer(TINY_LLAMA_DIR, ModelConfig(name="tiny_llama", path=None))  # every benchmark model's
+    records, source = bench.benchmark_records(args.data, tokenizer, tmp)
+    lengths = [len(e.input_ids) for e in data_lib.tokenize_records(records, tokenizer, template="plain",
+                                                                   max_length=bench.MAX_LENGTH, mask_prompt=False)]
+    kept = sum(bench.MIN_TEXT_TOKENS <= n <= 400 for n in lengths)
+    print(f"{torch.get_num_threads()} torch threads, bf16 native={torch.ops.mkldnn._is_mkldnn_bf16_supported()}, "
+          f"torch {torch.__version__}")
+    print(f"data: {source}; 8-sample length-grouped batches of the {kept} records with "
+          f"{bench.MIN_TEXT_TOKENS}-400 tokens")
     for head_dim in args.head_dims:
-        tps = run(head_dim, args.rounds, tmp)
+        tps = run(head_dim, args.rounds, tmp, records)
         print(f"\nhead_dim {head_dim} ({256 // head_dim} query / {128 // head_dim} KV heads), {args.rounds} epochs:")
         print(f"{'variant':<18} {'real tok/s':>10} {'vs previous':>12} {'vs fp32':>8}")
         previous = None

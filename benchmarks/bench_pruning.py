@@ -4,8 +4,10 @@ For each seed S it runs the real CLI twice, each in its own results_dir (a fresh
 unless --keep is given), the same command except for the pruner (the default pruner, or
 --pruned-overrides, against `hydra/sweeper/pruner=none`):
 
-    python -m lora_sweep -m results_dir=<dir> hydra.sweeper.seed=S hydra.sweeper.n_jobs=1 [--overrides] [--pruned-overrides]
-    python -m lora_sweep -m results_dir=<dir> hydra.sweeper.seed=S hydra.sweeper.n_jobs=1 [--overrides] hydra/sweeper/pruner=none
+    python -m lora_sweep -m results_dir=<dir> hydra.sweeper.seed=S hydra.sweeper.n_jobs=1 \
+        [--overrides] [--pruned-overrides]
+    python -m lora_sweep -m results_dir=<dir> hydra.sweeper.seed=S hydra.sweeper.n_jobs=1 \
+        [--overrides] hydra/sweeper/pruner=none
 
 and prints per seed and in total: optimizer steps with/without pruning (the CSV's
 `steps_completed`, summed over every trial row, pruned ones included), the share saved, the
@@ -207,7 +209,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--pruned-overrides", default="",
                         help="Hydra overrides for the pruned run only, e.g. 'hydra.sweeper.pruner.percentile=25'")
     parser.add_argument("--n-jobs", default="1",
-                        help="hydra.sweeper.n_jobs for both runs (default 1: reproducible; 'auto': the sweep's default)")
+                        help="hydra.sweeper.n_jobs for both runs "
+                             "(default 1: reproducible; 'auto': the sweep's default)")
     parser.add_argument("--keep", type=Path, default=None,
                         help="keep the runs under this directory (reused by a rerun of the same command)")
     args = parser.parse_args(argv)
@@ -218,7 +221,8 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory(prefix="bench_pruning-") as tmp:
         base = args.keep or Path(tmp)
         for label, overrides in (("pruned:  ", pruned_overrides), ("unpruned:", unpruned_overrides)):
-            print(f"{label} python -m lora_sweep -m results_dir=DIR hydra.sweeper.seed=S {shlex.join(overrides)}".rstrip())
+            command = f"python -m lora_sweep -m results_dir=DIR hydra.sweeper.seed=S {shlex.join(overrides)}"
+            print(f"{label} {command}".rstrip())
         rows = []
         for seed in args.seeds:
             results: dict[str, SweepResult] = {}

@@ -45,10 +45,11 @@ def main() -> None:
     from hydra import compose, initialize_config_dir
     from omegaconf import OmegaConf
 
+    from lora_sweep.cache import TrialCache
     from lora_sweep.cli import config_dir
     from lora_sweep.config import RunConfig
     from lora_sweep.model import offline_hub
-    from lora_sweep.trial import clear_cache, run_trial
+    from lora_sweep.trial import run_trial
 
     offline_hub()
     tmp = Path(tempfile.mkdtemp(prefix="bench_tech_"))
@@ -58,14 +59,15 @@ def main() -> None:
             c = compose(config_name="config", overrides=[f"results_dir={tmp}", f"train.max_steps={args.steps}", *extra])
             return RunConfig.from_mapping(OmegaConf.to_container(c, resolve=True))
 
-        cold = run_trial(cfg(), tmp / "cold")
-        warm = run_trial(cfg(), tmp / "warm")
+        cache = TrialCache()  # one per process, as a sweep worker holds it: later trials run warm
+        cold = run_trial(cfg(), tmp / "cold", cache=cache)
+        warm = run_trial(cfg(), tmp / "warm", cache=cache)
         print(f"self-check: {cold.self_check['seconds']} s on a cold base model, {warm.self_check['seconds']} s cached "
               f"(trial train loop {warm.train_seconds:.2f} s); metrics equal: {cold.metrics == warm.metrics}")
         tps: dict[str, list[float]] = {k: [] for k in VARIANTS}
         for rnd in range(args.rounds):
             for name, extra in VARIANTS.items():
-                r = run_trial(cfg(*extra), tmp / f"{rnd}_{len(tps[name])}_{abs(hash(name))}")
+                r = run_trial(cfg(*extra), tmp / f"{rnd}_{len(tps[name])}_{abs(hash(name))}", cache=cache)
                 tps[name].append(r.tokens_per_s)
             print(f"round {rnd + 1}: " + ", ".join(f"{v[-1]:.0f}" for v in tps.values()))
         base = statistics.median(tps[DEFAULT])
@@ -73,7 +75,7 @@ def main() -> None:
         for name, values in tps.items():
             m = statistics.median(values)
             print(f"{name:<42} {m:>10.0f} {m / base:>10.2f}")
-        clear_cache()
+        cache.clear()
 
     # AdamW on the default LoRA parameters (q_proj, v_proj, r=8: 16 tensors)
     params = [torch.nn.Parameter(torch.randn(8, 128)) for _ in range(8)] + [

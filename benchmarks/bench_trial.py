@@ -6,15 +6,23 @@ every variant alike and the ratios stay meaningful.
 
     .venv/bin/python benchmarks/bench_trial.py                 # ~5-8 min on 2 CPU cores
     .venv/bin/python benchmarks/bench_trial.py --quick         # a smoke run (~1-2 min)
+    .venv/bin/python benchmarks/bench_trial.py --data /path/to/alpaca_seed_tasks.json
 
 Model: an ~8M-parameter random-init Llama with GQA (10 layers, hidden 256, 4 query / 2 KV
-heads) built in a temp dir with the embedded tokenizer, as in DESIGN.md's measurements.
-Data: the Alpaca seed tasks (../shared/data/alpaca_seed_tasks.json), plain template, that
-fit in 20-400 tokens (the issue's "8-sample batches of 20-400-token texts"; `--max-text-tokens
-512` keeps all 175, truncated at 512). LoRA as the CLI's default `lora=qv` (r 8, alpha 16,
-dropout 0.05, q_proj and v_proj) for every variant. The overhead figure comes from the real
-default sweep (`python -m lora_sweep -m`, a subprocess): per trial, Optuna's ask-to-tell wall
-time against the training loop's own optimizer-step time.
+heads), the size of DESIGN.md's throughput measurements, built in a temp dir with the
+embedded tokenizer. LoRA as the CLI's default `lora=qv` (r 8, alpha 16, dropout 0.05, q_proj
+and v_proj) for every variant.
+
+Data (`--data PATH`, see `benchmark_records`; the data used is printed): an Alpaca-format file,
+by default `$LORA_SWEEP_SEED_TASKS` when it is set (Stanford Alpaca's 175 seed tasks, what
+BENCHMARKS.md's figures were measured on; not shipped, their license forbids it), else 175
+records the benchmark generates from the embedded sanity samples in the same shape. Plain
+template; the records with 20-400 tokens are kept (the issue's "8-sample batches of
+20-400-token texts"; `--max-text-tokens 512` keeps all, truncated at 512).
+
+The overhead figure comes from the real default sweep (`python -m lora_sweep -m`, a
+subprocess): per trial, Optuna's ask-to-tell wall time against the training loop's own
+optimizer-step time.
 
 Last line: `vs_trainer=<x> vs_trainer_tuned=<t> vs_naive=<y> mfu=<z> overhead=<w>`.
 """
@@ -25,7 +33,6 @@ import argparse
 import contextlib
 import json
 import logging
-import math
 import os
 import statistics
 import subprocess
@@ -46,17 +53,100 @@ warnings.filterwarnings("ignore")
 import torch  # noqa: E402
 
 from lora_sweep import data as data_lib  # noqa: E402
+from lora_sweep.cache import TrialCache  # noqa: E402
 from lora_sweep.config import LoraSettings, ModelConfig, RunConfig, TrainConfig  # noqa: E402
 from lora_sweep.lora import apply_lora  # noqa: E402
 from lora_sweep.model import load_model, load_tokenizer, offline_hub  # noqa: E402
 from lora_sweep.precision import resolve_precision  # noqa: E402
 from lora_sweep.train import train_loop  # noqa: E402
 
-SHARED_DATA = REPO.parent / "shared" / "data" / "alpaca_seed_tasks.json"
+SEED_TASKS_ENV = "LORA_SWEEP_SEED_TASKS"  # the real seed tasks, reached only through an explicit path
 LR, WARMUP, SEED, BATCH, MAX_LENGTH = 1e-3, 2, 0, 8, 512
 MIN_TEXT_TOKENS = 20
 LORA = LoraSettings(r=8, alpha=16.0, dropout=0.05)  # conf/lora/qv.yaml
 NO_DROPOUT = LoraSettings(r=8, alpha=16.0, dropout=0.0)
+
+
+# -------------------------------------------------------------------------------------- data
+GENERATED_IN_RANGE, GENERATED_LONG = 140, 35  # the seed tasks' shape: 140 of 175 in 20-400 tokens
+
+
+def _generated_targets() -> list[int]:
+    """Token lengths (plain template) the generated records aim at: 140 spread over 30-380,
+    skewed short like the seed tasks (median ~180 once reached), and 35 longer ones (400-3800)."""
+    import random
+
+    in_range = [round(30 + 350 * ((k + 0.5) / GENERATED_IN_RANGE) ** 1.4) for k in range(GENERATED_IN_RANGE)]
+    long = [round(400 * 9.5 ** ((k + 0.5) / GENERATED_LONG)) for k in range(GENERATED_LONG)]
+    targets = in_range + long
+    random.Random(0).shuffle(targets)  # a fixed order: batches mix lengths as a real file does
+    return targets
+
+
+def generated_records(tokenizer) -> list[dict[str, str]]:
+    """175 Alpaca records made deterministically of the embedded sanity samples, each joining
+    consecutive samples (instructions, inputs and outputs) until it reaches its target length:
+    a data set the benchmark makes itself, in the shape of the seed tasks."""
+    from lora_sweep.embedded import SANITY_SAMPLES_PATH
+
+    samples = data_lib.load_records(SANITY_SAMPLES_PATH)
+
+    def merged(parts: list[dict[str, str]]) -> dict[str, str]:
+        return {
+            "instruction": " ".join(p["instruction"] for p in parts),
+            "input": "\n".join(p["input"] for p in parts if p["input"]),
+            "output": "\n".join(p["output"] for p in parts),
+        }
+
+    def n_tokens(record: dict[str, str]) -> int:
+        text = data_lib.format_prompt(record, "plain") + record["output"]
+        return len(tokenizer(text, add_special_tokens=False)["input_ids"]) + 2  # BOS, EOS
+
+    records, cursor = [], 0
+    for target in _generated_targets():
+        parts: list[dict[str, str]] = []
+        skipped = 0
+        while True:
+            sample = samples[cursor % len(samples)]
+            cursor += 1
+            if target > 400:  # beyond the band the exact length matters less: measured every 10 parts
+                parts.append(sample)  # (re-tokenizing a growing record at every part is quadratic)
+                if len(parts) % 10 == 0 and n_tokens(merged(parts)) >= target:
+                    break
+                continue
+            if parts and n_tokens(merged(parts + [sample])) > 400 and skipped < len(samples):
+                skipped += 1
+                continue  # would leave the 20-400 band: try the next (shorter) sample instead
+            parts.append(sample)
+            if n_tokens(merged(parts)) >= target or skipped >= len(samples):
+                break
+        records.append(merged(parts))
+    return records
+
+
+def benchmark_records(data: str | None, tokenizer, tmp: Path) -> tuple[list[dict[str, str]], str]:
+    """The benchmark's records and a line saying where they came from: `--data`, else
+    `$LORA_SWEEP_SEED_TASKS` when set, else `generated_records` (written to `tmp` so that every
+    variant reads a file, as a user's run does). An explicit path that is missing is an error."""
+    if data or os.environ.get(SEED_TASKS_ENV):
+        path = Path(data or os.environ[SEED_TASKS_ENV])
+        source = "--data" if data else f"${SEED_TASKS_ENV}"
+        try:
+            records = data_lib.load_records(path)
+        except data_lib.DataError as err:  # an explicit path that fails is the user's to fix, not a fallback
+            raise SystemExit(f"{source}: {err}") from err
+        return records, f"{path} ({source}, {len(records)} records)"
+    path = tmp / "generated_seed_task_shaped.json"
+    path.write_text(json.dumps(generated_records(tokenizer), indent=1))
+    records = data_lib.load_records(path)
+    return records, (f"{len(records)} records generated from the embedded sanity samples ({path}; "
+                     f"set --data or ${SEED_TASKS_ENV} for the seed tasks the published figures used)")
+
+
+def add_data_argument(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--data", default=None, metavar="PATH",
+                        help=f"Alpaca JSON/JSONL file (default: ${SEED_TASKS_ENV} when set, else a generated data "
+                             "set of the seed tasks' shape, made of the embedded sanity samples)")
 
 
 # ----------------------------------------------------------------------------------- helpers
@@ -94,7 +184,8 @@ class PeakRss:
         self._thread.join()
 
 
-def matmul_ceiling(shapes: list[tuple[int, int, int]], dtype: torch.dtype, device: torch.device, seconds: float = 1.0) -> float:
+def matmul_ceiling(shapes: list[tuple[int, int, int]], dtype: torch.dtype, device: torch.device,
+                   seconds: float = 1.0) -> float:
     """Best GFLOP/s of torch.matmul over `shapes` (m, k, n) in `dtype`."""
     best = 0.0
     for m, k, n in shapes:
@@ -167,8 +258,10 @@ class Run:
         return self.real_tokens / self.seconds
 
 
-def run_ours(compose: Callable, model_dir: Path, data_path: Path, steps: int, results: Path, tag: str, *extra: str) -> Run:
-    """Our trial exactly as the CLI runs it: the composed Hydra config through `run_trial`."""
+def run_ours(compose: Callable, model_dir: Path, data_path: Path, steps: int, results: Path, tag: str, *extra: str,
+             cache: TrialCache) -> Run:
+    """Our trial exactly as the CLI runs it: the composed Hydra config through `run_trial`, with
+    the process's one `cache` (warm after the first call, as in a sweep worker)."""
     from omegaconf import OmegaConf
 
     from lora_sweep.trial import run_trial
@@ -176,12 +269,13 @@ def run_ours(compose: Callable, model_dir: Path, data_path: Path, steps: int, re
     cfg = compose(
         "model=local", f"model.path={model_dir}", "data=alpaca", f"data.path={data_path}", "data.template=plain",
         f"data.max_length={MAX_LENGTH}", f"train.batch_size={BATCH}", f"train.max_steps={steps}", f"train.seed={SEED}",
-        f"train.lr={LR}", f"train.warmup_steps={WARMUP}", f"lora.r={LORA.r}", f"lora.alpha={LORA.alpha}", f"lora.dropout={LORA.dropout}",
+        f"train.lr={LR}", f"train.warmup_steps={WARMUP}", f"lora.r={LORA.r}", f"lora.alpha={LORA.alpha}",
+        f"lora.dropout={LORA.dropout}",
         f"results_dir={results}", f"train.log_every={steps}", "data.group_by_length=true", *extra,
     )
     run_cfg = RunConfig.from_mapping(OmegaConf.to_container(cfg, resolve=True))
     with PeakRss(torch.device("cpu") if not torch.cuda.is_available() else torch.device("cuda")) as mem:
-        result = run_trial(run_cfg, results / "runs" / tag)
+        result = run_trial(run_cfg, results / "runs" / tag, cache=cache)
     steps_csv = (results / "runs" / tag / "steps.csv").read_text().splitlines()[1:]
     losses = [float(line.split(",")[1]) for line in steps_csv]
     return Run("ours", result.real_tokens, result.train_seconds, losses, mem.peak_mb, 0.0, result.precision)
@@ -191,8 +285,10 @@ def naive_batches(model_dir: Path, texts: list[str], seed: int) -> Iterator[dict
     """The seed's pipeline: pad every sample to max_length, labels = input_ids.clone()."""
     tokenizer = load_tokenizer(model_dir, ModelConfig(name="local", path=str(model_dir)))
     enc = tokenizer(texts, padding="max_length", truncation=True, max_length=MAX_LENGTH, return_tensors="pt")
-    items = [{"input_ids": i, "attention_mask": m, "labels": i.clone()} for i, m in zip(enc["input_ids"], enc["attention_mask"])]
-    loader = torch.utils.data.DataLoader(items, batch_size=BATCH, shuffle=True, generator=torch.Generator().manual_seed(seed))
+    items = [{"input_ids": i, "attention_mask": m, "labels": i.clone()}
+             for i, m in zip(enc["input_ids"], enc["attention_mask"], strict=True)]
+    loader = torch.utils.data.DataLoader(items, batch_size=BATCH, shuffle=True,
+                                         generator=torch.Generator().manual_seed(seed))
     while True:
         yield from loader
 
@@ -301,7 +397,8 @@ def run_trainer(name: str, model_dir: Path, examples: list, steps: int, device: 
 
 
 # ------------------------------------------------------------------------------ sections
-def loss_agreement(model_dir: Path, examples: list, collator, steps: int, device: torch.device, model_cfg, out: Path) -> float:
+def loss_agreement(model_dir: Path, examples: list, collator, steps: int, device: torch.device, model_cfg,
+                   out: Path) -> float:
     """Our loop vs Trainer on identical batches (fp32, constant lr, same LoRA init, no dropout so that
     both draw no random numbers): max |dloss|."""
     ours_model = fresh_lora_model(model_dir, device, NO_DROPOUT)
@@ -316,7 +413,7 @@ def loss_agreement(model_dir: Path, examples: list, collator, steps: int, device
                          bf16=False, loader=loader2, constant_lr=True, out=out, lora=NO_DROPOUT).losses
     print(f"  ours    : {' '.join(f'{x:.4f}' for x in ours)}")
     print(f"  Trainer : {' '.join(f'{x:.4f}' for x in theirs)}")
-    return max(abs(a - b) for a, b in zip(ours, theirs))
+    return max(abs(a - b) for a, b in zip(ours, theirs, strict=False))
 
 
 def default_sweep_overhead(results: Path, n_trials: int | None) -> tuple[float, list[str]]:
@@ -342,7 +439,8 @@ def default_sweep_overhead(results: Path, n_trials: int | None) -> tuple[float, 
     if proc.returncode != 0:
         raise RuntimeError(f"default sweep failed ({proc.returncode}):\n{proc.stderr[-2000:]}")
     optuna.logging.set_verbosity(optuna.logging.WARNING)
-    storage = optuna.storages.JournalStorage(optuna.storages.journal.JournalFileBackend(str(results / "optuna_journal.log")))
+    backend = optuna.storages.journal.JournalFileBackend(str(results / "optuna_journal.log"))
+    storage = optuna.storages.JournalStorage(backend)
     study = optuna.load_study(study_name="lora_sweep", storage=storage)
     rows, lines, spans = [], [], []
     for t in study.get_trials(deepcopy=False):
@@ -353,27 +451,30 @@ def default_sweep_overhead(results: Path, n_trials: int | None) -> tuple[float, 
         step_s, train_s = result["step_seconds"], result["train_seconds"]
         rows.append((wall, step_s))
         spans.append((t.datetime_start, t.datetime_complete))
-        lines.append(f"  trial {t.number:2d} {t.state.name:8s}: {result['steps_completed']:2d} steps, wall {wall:5.2f} s, "
-                     f"optimizer steps {step_s:5.2f} s, loop extras (hook, reports, logging) {train_s - step_s:5.3f} s, "
+        lines.append(f"  trial {t.number:2d} {t.state.name:8s}: {result['steps_completed']:2d} steps, "
+                     f"wall {wall:5.2f} s, optimizer steps {step_s:5.2f} s, "
+                     f"loop extras (hook, reports, logging) {train_s - step_s:5.3f} s, "
                      f"self-check {result['self_check'].get('seconds', '-')} s, overhead {1 - step_s / wall:.3f}")
     total_wall, total_step = sum(w for w, _ in rows), sum(st for _, st in rows)
     later = rows[1:]
     span = (max(end for _, end in spans) - min(begin for begin, _ in spans)).total_seconds()  # workers overlap
-    lines.append(f"  process wall {process_wall:.1f} s for {len(rows)} trials, {span:.1f} s from the first ask to the last "
-                 f"tell ({process_wall - span:.1f} s before and after: imports, worker start, study, summary); "
-                 f"overhead on trials 2..N alone: "
+    lines.append(f"  process wall {process_wall:.1f} s for {len(rows)} trials, {span:.1f} s from the first ask "
+                 f"to the last tell ({process_wall - span:.1f} s before and after: imports, worker start, study, "
+                 f"summary); overhead on trials 2..N alone: "
                  f"{1 - sum(st for _, st in later) / max(sum(w for w, _ in later), 1e-9):.3f}")
     return 1 - total_step / total_wall, lines
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--steps", type=int, default=22, help="optimizer steps per variant and round (22 x 8 = one epoch)")
+    parser.add_argument("--steps", type=int, default=22,
+                        help="optimizer steps per variant and round (22 x 8 = one epoch)")
     parser.add_argument("--rounds", type=int, default=3, help="interleaved rounds (medians reported)")
     parser.add_argument("--sweep-trials", type=int, default=None,
                         help="trials of the default sweep for the overhead (default: the sweep's own n_trials, 20)")
     parser.add_argument("--max-text-tokens", type=int, default=400,
-                        help="keep the seed tasks of at most this many tokens (512 = all, truncated at 512)")
+                        help="keep the records of at most this many tokens (512 = all, truncated at 512)")
+    add_data_argument(parser)
     parser.add_argument("--head-dim", type=int, default=64, choices=(32, 64, 128),
                         help="attention head size of the 8M model (hidden 256 = heads x head-dim)")
     parser.add_argument("--quick", action="store_true", help="a smoke run: 6 steps, 1 round, 4 trials")
@@ -398,12 +499,14 @@ def main() -> None:
     model_dir = build_model_dir(tmp / "llama8m", args.head_dim)
     model_cfg = AutoConfig.from_pretrained(model_dir)
     tokenizer = load_tokenizer(model_dir, ModelConfig(name="local", path=str(model_dir)))
-    all_records = data_lib.load_records(SHARED_DATA)
+    all_records, data_source = benchmark_records(args.data, tokenizer, tmp)
+    print(f"data: {data_source}")
     full = data_lib.tokenize_records(all_records, tokenizer, template="plain", max_length=10**6, mask_prompt=False)
-    records = [r for r, e in zip(all_records, full) if MIN_TEXT_TOKENS <= len(e.input_ids) <= args.max_text_tokens]
+    records = [r for r, e in zip(all_records, full, strict=True)
+               if MIN_TEXT_TOKENS <= len(e.input_ids) <= args.max_text_tokens]
     if len(records) < 2 * BATCH:
-        raise SystemExit(f"only {len(records)} seed tasks have {MIN_TEXT_TOKENS}-{args.max_text_tokens} tokens")
-    data_path = tmp / "alpaca_seed_tasks_selected.json"  # what `ours` reads through data.path, like a user's file
+        raise SystemExit(f"only {len(records)} records have {MIN_TEXT_TOKENS}-{args.max_text_tokens} tokens")
+    data_path = tmp / "benchmark_data_selected.json"  # what `ours` reads through data.path, like a user's file
     data_path.write_text(json.dumps(records))
     examples = data_lib.tokenize_records(records, tokenizer, template="plain", max_length=MAX_LENGTH, mask_prompt=False)
     texts = [data_lib.format_prompt(r, "plain") + r["output"] + tokenizer.eos_token for r in records]
@@ -416,10 +519,11 @@ def main() -> None:
 
     print(f"machine: {torch.get_num_threads()} torch threads, {os.cpu_count()} cpus, device {device}, "
           f"torch {torch.__version__}, bf16 native={torch.ops.mkldnn._is_mkldnn_bf16_supported()}")
-    print(f"model: random-init Llama (GQA {model_cfg.num_attention_heads}q/{model_cfg.num_key_value_heads}kv of head_dim "
+    heads = f"{model_cfg.num_attention_heads}q/{model_cfg.num_key_value_heads}kv"
+    print(f"model: random-init Llama (GQA {heads} of head_dim "
           f"{args.head_dim}, 10 layers, hidden 256) {n_params / 1e6:.2f}M params; "
           f"LoRA r={LORA.r} on q_proj,v_proj; precision auto -> {precision}")
-    print(f"data: {len(examples)} of {len(all_records)} Alpaca seed tasks ({MIN_TEXT_TOKENS}-{args.max_text_tokens} "
+    print(f"data: {len(examples)} of {len(all_records)} records ({MIN_TEXT_TOKENS}-{args.max_text_tokens} "
           f"tokens), plain template, max_length {MAX_LENGTH}: "
           f"{min(lengths)}-{max(lengths)} tokens, median {statistics.median(lengths):.0f}; "
           f"batch {BATCH}, {args.steps} steps x {args.rounds} interleaved rounds, seed {SEED}")
@@ -442,15 +546,17 @@ def main() -> None:
     results = tmp / "results"
     runs: dict[str, list[Run]] = {k: [] for k in ("ours", "ours_fp32", "naive", "trainer", "trainer_tuned")}
     bf16 = precision == "bf16"
-    run_ours(comp, model_dir, data_path, 3, results, "warmup")  # load + cache the base model once, as a sweep worker has
+    cache = TrialCache()
+    # load + cache the base model once, as a sweep worker has
+    run_ours(comp, model_dir, data_path, 3, results, "warmup", cache=cache)
     for rnd in range(args.rounds):
         measure_ceiling()
-        run = run_ours(comp, model_dir, data_path, args.steps, results, f"ours{rnd}")
+        run = run_ours(comp, model_dir, data_path, args.steps, results, f"ours{rnd}", cache=cache)
         run.flops = ours_flops
         runs["ours"].append(run)
         if bf16:
             run = run_ours(comp, model_dir, data_path, args.steps, results, f"ours_fp32_{rnd}",
-                           "train.precision=fp32")
+                           "train.precision=fp32", cache=cache)
             run.flops = ours_flops
             runs["ours_fp32"].append(run)
         runs["naive"].append(run_naive(model_dir, texts, args.steps, device, model_cfg))
@@ -464,7 +570,8 @@ def main() -> None:
     ceiling = {k: statistics.median(v) for k, v in ceilings.items()}
     print(f"matmul ceiling (best of model-shaped and 1024^3 shapes, median of rounds): fp32 {ceiling['fp32']:.0f} "
           f"GFLOP/s, bf16 {ceiling['bf16']:.0f} GFLOP/s (per round: fp32 "
-          + ", ".join(f"{x:.0f}" for x in ceilings["fp32"]) + "; bf16 " + ", ".join(f"{x:.0f}" for x in ceilings["bf16"]) + ")")
+          + ", ".join(f"{x:.0f}" for x in ceilings["fp32"]) + "; bf16 "
+          + ", ".join(f"{x:.0f}" for x in ceilings["bf16"]) + ")")
     print()
     print(f"{'variant':<15} {'prec':<5} {'real tok/s':>10} {'x naive':>8} {'GFLOP/s':>8} {'MFU':>6} "
           f"{'peak MB':>8} {'loss 1st':>9} {'loss last5':>10}")

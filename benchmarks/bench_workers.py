@@ -80,7 +80,10 @@ def main() -> None:
     parser.add_argument("--workers", type=int, default=cores(), help="workers of the parallel setting (default: cores)")
     parser.add_argument("--extra", nargs="*", default=[], help="extra overrides for both commands")
     args = parser.parse_args()
-    settings = {1: f"1 worker x {cores()} threads", args.workers: f"{args.workers} workers x {max(1, cores() // args.workers)} thread(s)"}
+    settings = {
+        1: f"1 worker x {cores()} threads",
+        args.workers: f"{args.workers} workers x {max(1, cores() // args.workers)} thread(s)",
+    }
     print(f"machine: {cores()} cores; default sweep (`python -m lora_sweep -m`) {' '.join(args.extra)}")
     runs: dict[int, list[dict[str, float]]] = {n: [] for n in settings}
     for rnd in range(args.rounds):
@@ -95,7 +98,8 @@ def main() -> None:
     one, many = med[1], med[args.workers]
     print()
     for n, m in med.items():
-        print(f"{settings[n]:<22} median wall {m['wall']:6.1f} s, {m['trials_h']:6.0f} trials/h, {m['steps_h']:7.0f} steps/h")
+        print(f"{settings[n]:<22} median wall {m['wall']:6.1f} s, {m['trials_h']:6.0f} trials/h, "
+              f"{m['steps_h']:7.0f} steps/h")
     print(f"steps/hour ratio: {many['steps_h'] / one['steps_h']:.2f}")
     print(f"\nworkers_speedup={many['trials_h'] / one['trials_h']:.2f} trials_per_hour_1w={one['trials_h']:.0f} "
           f"trials_per_hour_nw={many['trials_h']:.0f}")

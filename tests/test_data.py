@@ -10,7 +10,7 @@ import torch
 
 from lora_sweep import data as d
 from lora_sweep.embedded import SANITY_SAMPLES_PATH
-from tests.conftest import SHARED_DATA
+from tests.conftest import AlpacaFiles
 
 
 def _write(tmp_path: Path, name: str, content: str | bytes) -> Path:
@@ -27,10 +27,20 @@ def test_load_json_list_and_jsonl_agree(tmp_path: Path) -> None:
     assert as_list[1]["input"] == ""  # optional field defaults to empty
 
 
-def test_shipped_and_shared_data_load() -> None:
+def test_shipped_data_loads() -> None:
     sanity = d.load_records(SANITY_SAMPLES_PATH)
     assert 200 <= len(sanity)
-    assert len(d.load_records(SHARED_DATA)) == 175
+    assert any(r["input"] for r in sanity) and any(not r["input"] for r in sanity)
+
+
+def test_alpaca_fixture_files_load_as_written(alpaca_files: AlpacaFiles) -> None:
+    as_list = d.load_records(alpaca_files.json_path)
+    assert as_list == alpaca_files.records and len(as_list) == 40
+    assert d.load_records(alpaca_files.jsonl_path) == as_list
+    with_input = next(r for r in as_list if r["input"])
+    without = next(r for r in as_list if not r["input"])
+    assert "### Input:\n" + with_input["input"] in d.format_prompt(with_input, "alpaca")
+    assert "### Input" not in d.format_prompt(without, "alpaca")
 
 
 @pytest.mark.parametrize(
@@ -149,4 +159,5 @@ def test_dataloader_order_depends_only_on_seed() -> None:
 
     assert order(3) == order(3)
     assert order(3) != order(4)
-    assert sorted(x for b in d.make_dataloader(ds, collate, batch_size=4, seed=3) for x in b["input_ids"][:, 0].tolist()) == list(range(20))
+    loader = d.make_dataloader(ds, collate, batch_size=4, seed=3)
+    assert sorted(x for b in loader for x in b["input_ids"][:, 0].tolist()) == list(range(20))
