@@ -33,10 +33,7 @@ import numpy as np
 import pandas as pd
 
 from lora_sweep.results import (
-    _BOOL_COLUMNS,
-    _INT_COLUMNS,
-    _STR_COLUMNS,
-    COLUMN_DOCS,
+    COLUMN_DTYPES,
     CSV_COLUMNS,
     RESULTS_FILENAME,
     STEP_LOG_COLUMNS,
@@ -89,7 +86,7 @@ METRIC_DIRECTIONS: dict[str, str] = {
 
 _FIRST = ("trial_number", "state", "status", "reason")
 _INTERNAL_ATTRS = frozenset({"job_result"})  # the job's raw return value, kept for recovery
-_CONFIG_PREFIXES = ("lora.", "train.", "data.")
+_CONFIG_PREFIXES = ("model.", "data.", "lora.", "train.")
 
 
 class NotEnoughTrialsError(ValueError):
@@ -149,15 +146,23 @@ def load_study(
 def _coerce(frame: pd.DataFrame) -> pd.DataFrame:
     """Sets the results schema's dtypes on known columns (as ``read_rows`` does)."""
     for column in frame.columns:
-        if column in _STR_COLUMNS:
-            frame[column] = frame[column].map(lambda v: "" if v is None or v is pd.NA else str(v)).astype("str")
-        elif column in _INT_COLUMNS:
+        dtype = COLUMN_DTYPES.get(column, "float64" if column in ("value", "constraint") else None)
+        if dtype == "str":
+            frame[column] = frame[column].map(_to_text).astype("str")
+        elif dtype == "Int64":
             frame[column] = pd.to_numeric(frame[column], errors="coerce").astype("Int64")
-        elif column in _BOOL_COLUMNS:
+        elif dtype == "boolean":
             frame[column] = frame[column].map(_to_bool).astype("boolean")
-        elif column in COLUMN_DOCS or column in ("value", "constraint"):
+        elif dtype == "float64":
             frame[column] = pd.to_numeric(frame[column], errors="coerce").astype("float64")
     return frame
+
+
+def _to_text(value: Any) -> str:
+    """A user attribute as the CSV writes it: None empty, a list comma-joined."""
+    if value is None or value is pd.NA:
+        return ""
+    return ",".join(map(str, value)) if isinstance(value, list | tuple) else str(value)
 
 
 def _to_bool(value: Any) -> Any:
@@ -516,7 +521,7 @@ def varied_params(trials: pd.DataFrame, study: optuna.Study | None = None) -> li
         trials: Rows of :func:`load_trials`.
         study: When given, its searched parameter names are candidates too (e.g.
             ``lora.alpha_per_r``), besides the config columns ``lora.*``, ``train.*``,
-            ``data.*``.
+            ``data.*``, ``model.*``.
 
     Returns:
         Column names in table order.

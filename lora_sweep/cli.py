@@ -3,6 +3,9 @@
 Before Hydra starts, the overrides are composed once more with Hydra's compose API and the
 result validated, so an unknown option, a wrong type or an impossible value fails with one
 line and exit code 2 before any run directory, model or CSV row exists.
+
+The process's one `TrialCache` (`PROCESS_CACHE`) is created here: the preflight warms it up
+and every job this process runs (a sweep worker runs many) trains from it.
 """
 
 from __future__ import annotations
@@ -15,12 +18,18 @@ from typing import Any
 import hydra
 from omegaconf import DictConfig, OmegaConf
 
-from lora_sweep.config import ConfigError, RunConfig
+from lora_sweep.cache import TrialCache
+from lora_sweep.config import RunConfig
+from lora_sweep.errors import EXIT_BAD_INPUT, INPUT_ERRORS, ConfigError, error_line, error_message
+from lora_sweep.export_cli import main as export_main
+from lora_sweep.job import run_job
+from lora_sweep.model import offline_hub
+from lora_sweep.trial import check_inputs, warm_up
 
 log = logging.getLogger("lora_sweep")
 
-EXIT_BAD_INPUT = 2
-EXIT_FAILED = 1
+PROCESS_CACHE = TrialCache()
+"""What this process's trials share (the base model, tokenizer, data); see `lora_sweep.cache`."""
 _PACKAGE_CONF = Path(__file__).parent / "conf"  # wheel install
 _SOURCE_CONF = Path(__file__).parent.parent / "conf"  # source checkout
 
@@ -28,26 +37,6 @@ _SOURCE_CONF = Path(__file__).parent.parent / "conf"  # source checkout
 def config_dir() -> Path:
     """The packaged config tree: inside the package when installed from a wheel, else `conf/`."""
     return _PACKAGE_CONF if (_PACKAGE_CONF / "config.yaml").is_file() else _SOURCE_CONF
-
-
-def error_line(err: BaseException) -> str:
-    """Fold a (possibly multi-line) Hydra or validation error into one readable line."""
-    parts: list[str] = []
-    options: list[str] = []
-    in_options = False
-    for raw in str(err).splitlines():
-        line = raw.strip()
-        if line.startswith(("Config search path", "full_key:", "object_type=", "Set the environment variable")):
-            break
-        if line.startswith("Available options"):
-            in_options, parts = True, parts + [line.rstrip(":")]
-            continue
-        if in_options and line:
-            options.append(line)
-        elif line:
-            parts.append(line.rstrip("."))
-    text = "; ".join(parts) if parts else type(err).__name__
-    return f"{text}: {', '.join(options)}" if options else text
 
 
 def _split_argv(argv: list[str]) -> tuple[list[str], dict[str, str], bool] | None:
@@ -72,11 +61,12 @@ def _split_argv(argv: list[str]) -> tuple[list[str], dict[str, str], bool] | Non
     return overrides, where, multirun
 
 
-def preflight(argv: list[str]) -> None:
-    """Compose the config the job will see, validate it and check its data file and checkpoint.
+def preflight(argv: list[str], *, cache: TrialCache | None = None) -> None:
+    """Compose the config the job will see, validate it and check its data file and checkpoint;
+    for a sweep also warm `cache` up (None: a throwaway one).
 
-    Raises `ConfigError` (or another of `lora_sweep.trial.INPUT_ERRORS`) on bad input, before
-    Hydra creates a run directory or the sweeper opens a study.
+    Raises one of `lora_sweep.errors.INPUT_ERRORS` on bad input, before Hydra creates a run
+    directory or the sweeper opens a study.
     """
     from hydra import compose, initialize_config_dir
     from hydra.core.global_hydra import GlobalHydra
@@ -108,40 +98,31 @@ def preflight(argv: list[str]) -> None:
         raise ConfigError(error_line(err)) from err
     finally:
         GlobalHydra.instance().clear()
-    from lora_sweep.trial import check_inputs, warm_up
-
     run_cfg = RunConfig.from_mapping(container)
-    check_inputs(run_cfg)
+    cache = cache if cache is not None else TrialCache()
+    check_inputs(run_cfg, cache)
     if multirun:
-        warm_up(run_cfg)  # a sweep worker loads the base model once, before its first trial
+        warm_up(run_cfg, cache)  # a sweep worker loads the base model once, before its first trial
 
 
 def _refuse(err: BaseException) -> None:
-    print(f"lora_sweep: error: {error_line(err)}", file=sys.stderr)
+    print(error_message(err), file=sys.stderr)
     sys.exit(EXIT_BAD_INPUT)
 
 
 @hydra.main(version_base="1.3", config_path=str(config_dir()), config_name="config")
 def _hydra_app(cfg: DictConfig) -> dict[str, Any]:
-    from lora_sweep.job import run_job
-
-    return run_job(cfg)
+    return run_job(cfg, cache=PROCESS_CACHE)
 
 
 def main() -> None:
     """Entry point of `lora-sweep` and `python -m lora_sweep`."""
-    from lora_sweep.model import offline_hub
-
     argv = sys.argv[1:]
     if argv and argv[0] == "export":
-        from lora_sweep.export_cli import main as export_main
-
         sys.exit(export_main(argv[1:]))
-    from lora_sweep.trial import INPUT_ERRORS
-
     offline_hub()
     try:
-        preflight(argv)
+        preflight(argv, cache=PROCESS_CACHE)
     except INPUT_ERRORS as err:
         _refuse(err)
     _hydra_app()

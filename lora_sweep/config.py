@@ -3,15 +3,22 @@
 Hydra composes a plain mapping; `RunConfig.from_mapping` turns it into frozen dataclasses
 whose `__post_init__` checks every field, so a wrong type or an impossible value fails
 before any model is loaded, with one line naming the key and the fix.
+
+Every field of the four sections documents itself (`metadata["doc"]`): `config_keys` lists
+them as dotted keys with their scalar types, and the results CSV has one column per key.
 """
 
 from __future__ import annotations
 
 import math
+import types
+import typing
 from collections.abc import Mapping
-from dataclasses import MISSING, dataclass, fields
+from dataclasses import MISSING, dataclass, field, fields
 from pathlib import Path
 from typing import Any
+
+from lora_sweep.errors import ConfigError
 
 ATTN_IMPLEMENTATIONS = ("sdpa", "eager")
 DTYPES = ("float32", "bfloat16", "float16")
@@ -20,10 +27,6 @@ PADDINGS = ("longest", "max_length")
 LR_SCHEDULERS = ("cosine", "linear", "constant")
 PRECISIONS = ("auto", "fp32", "bf16")
 MIN_MAX_LENGTH = 8
-
-
-class ConfigError(ValueError):
-    """An invalid configuration value; the message is one line naming the key and the fix."""
 
 
 def _fail(key: str, expected: str, value: Any, example: str) -> None:
@@ -64,16 +67,21 @@ def _check_optional_path(key: str, value: Any) -> None:
         _fail(key, "a path (or null for the embedded default)", value, "/path/to/file")
 
 
+def documented(doc: str, *, default: Any = MISSING) -> Any:
+    """A config field with its one-line doc (`metadata["doc"]`, the results column's doc too)."""
+    return field(default=default, metadata={"doc": doc})
+
+
 @dataclass(frozen=True)
 class ModelConfig:
     """Which checkpoint to fine-tune and how to load it."""
 
-    name: str
-    path: str | None
-    attn_implementation: str = "sdpa"
-    dtype: str = "float32"
-    trust_remote_code: bool = False
-    self_check: bool = True
+    name: str = documented("model option name, e.g. tiny_llama or local")
+    path: str | None = documented("checkpoint directory (empty: the embedded tiny Llama)")
+    attn_implementation: str = documented("attention kernel: sdpa or eager", default="sdpa")
+    dtype: str = documented("dtype of the base weights (LoRA weights stay float32)", default="float32")
+    trust_remote_code: bool = documented("whether the checkpoint's own modelling code may run", default=False)
+    self_check: bool = documented("whether the start-up self-check ran (true/false)", default=True)
 
     def __post_init__(self) -> None:
         _check_optional_path("model.path", self.path)
@@ -87,13 +95,13 @@ class ModelConfig:
 class DataConfig:
     """Which records to train on and how to turn them into token batches."""
 
-    name: str
-    path: str | None
-    template: str = "alpaca"
-    max_length: int = 256
-    mask_prompt: bool = False
-    padding: str = "longest"
-    group_by_length: bool = False
+    name: str = documented("data option name, e.g. sanity or alpaca")
+    path: str | None = documented("training data file (empty: the embedded sanity samples)")
+    template: str = documented("prompt template: alpaca or plain", default="alpaca")
+    max_length: int = documented("maximum tokens per sequence", default=256)
+    mask_prompt: bool = documented("train on the response only, prompt labels masked (true/false)", default=False)
+    padding: str = documented("batch padding: longest (each batch to its longest) or max_length", default="longest")
+    group_by_length: bool = documented("batches of similar lengths (true/false)", default=False)
 
     def __post_init__(self) -> None:
         _check_optional_path("data.path", self.path)
@@ -108,11 +116,15 @@ class DataConfig:
 class LoraSettings:
     """The LoRA adapter: rank, scaling and where it is applied."""
 
-    r: int
-    alpha: float
-    dropout: float = 0.0
-    target_modules: tuple[str, ...] | str = ("q_proj", "v_proj")
-    use_rslora: bool = False
+    r: int = documented("LoRA rank")
+    alpha: float = documented("LoRA scaling numerator alpha")
+    dropout: float = documented("dropout on the LoRA input", default=0.0)
+    target_modules: tuple[str, ...] | str | None = documented(
+        "module names asked for, comma-separated, or all-linear; empty: peft's default for the model type "
+        "(adapted_modules has what was adapted)",
+        default=("q_proj", "v_proj"),
+    )
+    use_rslora: bool = documented("rank-stabilised scaling alpha/sqrt(r) instead of alpha/r", default=False)
 
     def __post_init__(self) -> None:
         _check_int("lora.r", self.r, 1, "8")
@@ -120,15 +132,20 @@ class LoraSettings:
         _check_float("lora.dropout", self.dropout, low=0.0, high=0.99, example="0.05")
         _check_bool("lora.use_rslora", self.use_rslora)
         targets = self.target_modules
+        if targets is None:
+            return  # peft's default target modules for the model type (refused where it has none)
         if isinstance(targets, str):
             if targets != "all-linear":
-                _fail("lora.target_modules", "a list of module names or 'all-linear'", targets, "[q_proj,v_proj]")
+                _fail("lora.target_modules", "a list of module names, 'all-linear' or null", targets, "[q_proj,v_proj]")
         elif not targets or not all(isinstance(t, str) and t for t in targets):
             _fail("lora.target_modules", "a non-empty list of module names", list(targets), "[q_proj,v_proj]")
 
     @property
     def targets_label(self) -> str:
-        """The target modules as one comma-joined string (for the CSV and logs)."""
+        """The target modules as one string for logs: comma-joined, `all-linear`, or `auto`
+        (null: peft's default for the model type)."""
+        if self.target_modules is None:
+            return "auto"
         return self.target_modules if isinstance(self.target_modules, str) else ",".join(self.target_modules)
 
 
@@ -136,18 +153,18 @@ class LoraSettings:
 class TrainConfig:
     """The optimisation loop."""
 
-    lr: float
-    max_steps: int
-    batch_size: int
-    seed: int = 0
-    warmup_steps: int = 0
-    lr_scheduler: str = "cosine"
-    weight_decay: float = 0.0
-    max_grad_norm: float = 1.0
-    min_improvement: float = 0.05
-    device: str = "auto"
-    log_every: int = 10
-    precision: str = "auto"
+    lr: float = documented("peak learning rate")
+    max_steps: int = documented("optimizer steps requested")
+    batch_size: int = documented("sequences per optimizer step")
+    seed: int = documented("random seed", default=0)
+    warmup_steps: int = documented("learning-rate warm-up steps (W in the metrics)", default=0)
+    lr_scheduler: str = documented("learning-rate schedule after warm-up", default="cosine")
+    weight_decay: float = documented("AdamW weight decay", default=0.0)
+    max_grad_norm: float = documented("gradient clipping threshold on the total norm", default=1.0)
+    min_improvement: float = documented("improvement a run needs to count as learned", default=0.05)
+    device: str = documented("device asked for: auto, cpu, cuda or cuda:N (device: the one used)", default="auto")
+    log_every: int = documented("optimizer steps between log lines", default=10)
+    precision: str = documented("precision asked for: auto, fp32 or bf16 (precision: the one used)", default="auto")
 
     def __post_init__(self) -> None:
         _check_float("train.lr", self.lr, low=0.0, low_open=True, high=10.0, example="1e-3")
@@ -181,9 +198,16 @@ class RunConfig:
     train: TrainConfig
     results_dir: Path
 
-    @property
-    def csv_path(self) -> Path:
-        return self.results_dir / "lora_tuning_results.csv"
+    def flat_values(self) -> dict[str, Any]:
+        """`{"model.path": ..., "lora.r": ..., ...}` for every key of `config_keys`, in order;
+        a list of target modules comma-joined (a results cell, a study user attribute)."""
+        values: dict[str, Any] = {}
+        for section in SECTIONS:
+            settings = getattr(self, section)
+            for item in fields(settings):
+                value = getattr(settings, item.name)
+                values[f"{section}.{item.name}"] = ",".join(value) if isinstance(value, tuple) else value
+        return values
 
     @classmethod
     def from_mapping(cls, cfg: Mapping[str, Any]) -> RunConfig:
@@ -201,6 +225,35 @@ class RunConfig:
             train=TrainConfig(**_section(cfg, "train", TrainConfig)),
             results_dir=Path(results_dir).expanduser().absolute(),
         )
+
+
+SECTIONS: dict[str, type] = {"model": ModelConfig, "data": DataConfig, "lora": LoraSettings, "train": TrainConfig}
+"""The config sections a trial reads, by their key prefix."""
+
+
+@dataclass(frozen=True)
+class ConfigKey:
+    """One config value as a dotted key, e.g. `lora.r`: its scalar type and its doc."""
+
+    key: str
+    type: type  # bool, int, float or str (lists and optional paths are text in a table)
+    doc: str
+
+
+def config_keys() -> tuple[ConfigKey, ...]:
+    """Every field of every section, in section and field order."""
+    keys = []
+    for section, schema in SECTIONS.items():
+        hints = typing.get_type_hints(schema)
+        for item in fields(schema):
+            keys.append(ConfigKey(f"{section}.{item.name}", _scalar_type(hints[item.name]), item.metadata["doc"]))
+    return tuple(keys)
+
+
+def _scalar_type(hint: Any) -> type:
+    """bool, int or float for a (possibly optional) number or flag; str for everything else."""
+    args = [a for a in typing.get_args(hint) if a is not type(None)] if isinstance(hint, types.UnionType) else [hint]
+    return args[0] if len(args) == 1 and args[0] in (bool, int, float) else str
 
 
 def _section(cfg: Mapping[str, Any], name: str, schema: type) -> dict[str, Any]:

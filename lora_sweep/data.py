@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,6 +18,8 @@ from typing import Any
 
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
+
+from lora_sweep.errors import DataError
 
 log = logging.getLogger(__name__)
 
@@ -44,17 +47,28 @@ TEMPLATES = {
 }
 
 
-class DataError(ValueError):
-    """Bad training data; the message names the file, the record and the field."""
+def check_data_file(path: Path) -> None:
+    """Refuse a data path that is not a readable file (before anything stats or reads it)."""
+    path = Path(path)
+    if not path.exists():
+        problem = "data file not found"
+    elif not path.is_file():
+        problem = "data path is not a file"
+    elif not os.access(path, os.R_OK):
+        problem = "data file is not readable"
+    else:
+        return
+    raise DataError(f"{problem}: {path} (set data.path to a readable JSON or JSONL file)")
 
 
 def load_records(path: Path) -> list[dict[str, str]]:
     """Load and validate a JSON list or a JSONL file of instruction records."""
     path = Path(path)
-    if not path.is_file():
-        raise DataError(f"data file not found: {path} (set data.path to an existing JSON or JSONL file)")
+    check_data_file(path)
     try:
         text = path.read_bytes().decode("utf-8")
+    except OSError as err:
+        raise DataError(f"cannot read the data file {path}: {err.strerror} (set data.path to a readable file)") from err
     except UnicodeDecodeError as err:
         raise DataError(f"{path} is not UTF-8 text (bad byte at offset {err.start}); re-encode it as UTF-8") from err
     stripped = text.lstrip("\ufeff \t\r\n")

@@ -19,11 +19,16 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
+from lora_sweep.cache import TrialCache
 from lora_sweep.config import RunConfig
+from lora_sweep.errors import EXIT_BAD_INPUT, EXIT_FAILED, INPUT_ERRORS, error_message
 from lora_sweep.metrics import compute_metrics
+from lora_sweep.results import PAYLOAD_CSV_KEY, append_row, results_csv_path
+from lora_sweep.sweep.context import TrialReporter, current_trial_context
 from lora_sweep.sweep.faults import crash_point
-from lora_sweep.results import PAYLOAD_CSV_KEY, append_row
+from lora_sweep.sweep.objective import STATE_OF_STATUS
 from lora_sweep.train import StepHook, StepRecord
+from lora_sweep.trial import run_trial
 
 log = logging.getLogger("lora_sweep")
 
@@ -38,42 +43,42 @@ def _discard_run_dir(run_dir: Path) -> None:
         shutil.rmtree(run_dir, ignore_errors=True)
 
 
-def run_job(cfg: DictConfig) -> dict[str, Any]:
-    """Run one trial from a composed Hydra config and record it."""
-    from lora_sweep.cli import EXIT_BAD_INPUT, EXIT_FAILED, error_line
-    from lora_sweep.trial import INPUT_ERRORS, run_trial
-
+def run_job(cfg: DictConfig, *, cache: TrialCache) -> dict[str, Any]:
+    """Run one trial from a composed Hydra config and record it; `cache` holds what the
+    process's earlier trials loaded (a sweep worker runs many jobs in one process)."""
     multirun = _is_multirun()
     run_dir = Path(HydraConfig.get().runtime.output_dir)
-    context = _trial_context() if multirun else None
-    reporter = _reporter(context) if context is not None else None
+    context = current_trial_context() if multirun else None
+    reporter = TrialReporter(context) if context is not None else None
     sweep_fields: dict[str, Any] = {}
     if context is not None:
         sweep_fields = {"study_name": context.study_name, "trial_number": context.trial_number}
     try:
         run_cfg = RunConfig.from_mapping(OmegaConf.to_container(cfg, resolve=True))
         on_step = _pruning_hook(reporter, run_cfg) if reporter is not None else None
-        result = run_trial(run_cfg, run_dir, on_step=on_step, config_yaml=OmegaConf.to_yaml(cfg, resolve=True))
+        result = run_trial(run_cfg, run_dir, cache=cache, on_step=on_step,
+                           config_yaml=OmegaConf.to_yaml(cfg, resolve=True))
     except INPUT_ERRORS as err:
         if multirun:
             raise  # the sweeper records the trial FAIL with this reason
-        print(f"lora_sweep: error: {error_line(err)}", file=sys.stderr)
+        print(error_message(err), file=sys.stderr)
         _discard_run_dir(run_dir)
         sys.exit(EXIT_BAD_INPUT)
     if context is not None:
-        sweep_fields["state"] = TRIAL_STATES[result.status]
+        sweep_fields["state"] = STATE_OF_STATUS[result.status]
     row = result.csv_row(run_cfg, **sweep_fields)
+    csv_path = results_csv_path(run_cfg.results_dir)
     payload = dict(row, constraint=result.metrics.get("constraint", 1.0))
     if reporter is not None:
         # first: a sweep killed after this still finishes the trial, and writes the row if missing
-        reporter.record_result(dict(payload, **{PAYLOAD_CSV_KEY: str(run_cfg.csv_path)}))
+        reporter.record_result(dict(payload, **{PAYLOAD_CSV_KEY: str(csv_path)}))
         crash_point("after_record")
-    append_row(run_cfg.csv_path, row)
+    append_row(csv_path, row)
     metrics = result.metrics
     log.info(
         "%s: stability_index=%s quality=%s final_loss=%s in %.1f s (%.0f real tokens/s); row appended to %s",
         result.status, _fmt(metrics.get("stability_index")), _fmt(metrics.get("quality")),
-        _fmt(metrics.get("final_loss")), result.duration_s, result.tokens_per_s, run_cfg.csv_path,
+        _fmt(metrics.get("final_loss")), result.duration_s, result.tokens_per_s, csv_path,
     )
     if result.status != "success":
         log.warning("%s: %s", result.status, result.reason)
@@ -82,23 +87,7 @@ def run_job(cfg: DictConfig) -> dict[str, Any]:
     return payload
 
 
-# How the sweeper records each trial status in the study (and so in the CSV's `state`).
-TRIAL_STATES = {"success": "COMPLETE", "pruned": "PRUNED", "diverged": "FAIL", "failed": "FAIL"}
-
-
-def _trial_context() -> Any:
-    from lora_sweep.sweep.context import current_trial_context
-
-    return current_trial_context()
-
-
-def _reporter(context: Any) -> Any:
-    from lora_sweep.sweep.context import TrialReporter
-
-    return TrialReporter(context)
-
-
-def _pruning_hook(reporter: Any, run_cfg: RunConfig) -> StepHook:
+def _pruning_hook(reporter: TrialReporter, run_cfg: RunConfig) -> StepHook:
     """Report the objective of the run so far after every step; stop when the pruner says so.
 
     The intermediate value is the trial's own objective computed on the prefix of the run,

@@ -1,49 +1,157 @@
-"""Wrap a base model with a fresh LoRA adapter (peft)."""
+"""Wrap a base model with a fresh LoRA adapter (peft), after checking the targets and rank fit."""
 
 from __future__ import annotations
 
 import logging
+from typing import TYPE_CHECKING
 
+import torch
 from torch import nn
 
 from lora_sweep.config import LoraSettings
 from lora_sweep.dropout import use_fast_dropout
+from lora_sweep.errors import LoraTargetError
+
+if TYPE_CHECKING:
+    from peft import LoraConfig, PeftModel
 
 log = logging.getLogger(__name__)
 
 
-class LoraTargetError(ValueError):
-    """`lora.target_modules` names modules the model does not have."""
+def apply_lora(model: nn.Module, settings: LoraSettings) -> PeftModel:
+    """Freeze the base weights and add a LoRA adapter; returns the peft model.
 
+    Raises `LoraTargetError` before anything is injected when `lora.target_modules` is null
+    and peft has no default for the model type, and when `lora.r` exceeds a targeted layer's
+    smallest dimension; when the targets match no module, peft's injection is refused the same way.
+    """
+    from peft import get_peft_model
 
-def apply_lora(model: nn.Module, settings: LoraSettings) -> nn.Module:
-    """Freeze the base weights and add a LoRA adapter; returns the peft model."""
-    from peft import LoraConfig, get_peft_model
-
-    targets = settings.target_modules if isinstance(settings.target_modules, str) else list(settings.target_modules)
-    peft_config = LoraConfig(
-        r=settings.r,
-        lora_alpha=settings.alpha,
-        lora_dropout=settings.dropout,
-        target_modules=targets,
-        use_rslora=settings.use_rslora,
-        bias="none",
-        task_type="CAUSAL_LM",
-    )
+    check_default_targets(model, settings)
+    check_rank(model, settings)
     try:
-        peft_model = get_peft_model(model, peft_config)
+        peft_model = get_peft_model(model, _peft_config(settings, r=settings.r))
     except ValueError as err:
-        available = sorted({name.rsplit(".", 1)[-1] for name, mod in model.named_modules() if isinstance(mod, nn.Linear)})
-        raise LoraTargetError(
-            f"lora.target_modules={settings.targets_label} matches no module of this model; "
-            f"linear modules here: {', '.join(available)}"
-        ) from err
+        raise _no_match(model, settings) from err
     if next(peft_model.parameters()).device.type == "cpu":
         use_fast_dropout(peft_model)  # the CPU's per-element Bernoulli draws are slow
     trainable, total = count_parameters(peft_model)
     log.info("LoRA r=%d alpha=%g on %s: %d trainable of %d parameters (%.3f%%)",
-             settings.r, settings.alpha, settings.targets_label, trainable, total, 100.0 * trainable / total)
+             settings.r, settings.alpha, ",".join(adapted_modules(peft_model)), trainable, total,
+             100.0 * trainable / total)
     return peft_model
+
+
+def adapted_modules(peft_model: PeftModel) -> list[str]:
+    """The names (last component, sorted) of the layers the adapter was injected into: what
+    `target_modules` resolved to."""
+    from peft.tuners.lora import LoraLayer
+
+    layers = (name for name, module in peft_model.named_modules() if isinstance(module, LoraLayer))
+    return sorted({name.rsplit(".", 1)[-1] for name in layers})
+
+
+def check_default_targets(model: nn.Module, settings: LoraSettings) -> None:
+    """`lora.target_modules=null` asks for peft's default modules of the model type: refuse it
+    where peft has none, listing the modules that can be named instead."""
+    from peft.utils import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING
+
+    model_type = getattr(getattr(model, "config", None), "model_type", None)
+    if settings.target_modules is None and model_type not in TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING:
+        raise LoraTargetError(
+            f"lora.target_modules=null: peft has no default target modules for model type {model_type!r}; "
+            f"set lora.target_modules to a list of: {', '.join(adaptable_module_names(model))} (or all-linear)"
+        )
+
+
+def check_rank(model: nn.Module, settings: LoraSettings) -> None:
+    """Refuse a rank larger than min(in_features, out_features) of any targeted layer.
+
+    A rank within every adaptable layer's dimensions needs no further look (the usual case);
+    otherwise the targets are resolved by a dry-run injection on the meta device.
+    """
+    dims = [d for d in map(_layer_dims, model.modules()) if d is not None]
+    if not dims or settings.r <= min(min(d) for d in dims):
+        return
+    layers = targeted_layers(model, settings)
+    name, (fan_in, fan_out) = min(layers.items(), key=lambda item: min(item[1]))
+    limit = min(fan_in, fan_out)
+    if settings.r > limit:
+        raise LoraTargetError(
+            f"lora.r={settings.r} exceeds the smallest dimension of the targeted layer {name} "
+            f"(in_features={fan_in}, out_features={fan_out}); choose lora.r <= {limit}"
+        )
+
+
+def targeted_layers(model: nn.Module, settings: LoraSettings) -> dict[str, tuple[int, int]]:
+    """{module name: (in_features, out_features)} of the layers `settings` would adapt.
+
+    peft itself resolves the targets (lists, `all-linear`, null), injecting rank-1 adapters
+    whose weights live on the meta device (nothing allocated), then removes them again.
+    """
+    from peft import get_peft_model
+    from peft.tuners.lora import LoraLayer
+
+    with torch.random.fork_rng(devices=[]):  # a trial's seeded draws never depend on this
+        try:
+            probe = get_peft_model(model, _peft_config(settings, r=1), low_cpu_mem_usage=True)
+        except ValueError as err:
+            raise _no_match(model, settings) from err
+    try:
+        return {name: (layer.in_features, layer.out_features) for name, layer in model.named_modules()
+                if isinstance(layer, LoraLayer) and layer.in_features and layer.out_features}
+    finally:
+        probe.unload()
+
+
+def adaptable_module_names(model: nn.Module) -> list[str]:
+    """Names (last component, sorted) of the model's linear and Conv1D layers."""
+    return sorted({name.rsplit(".", 1)[-1] for name, module in model.named_modules()
+                   if name and _is_linear(module)})
+
+
+def _is_linear(module: nn.Module) -> bool:
+    from transformers.pytorch_utils import Conv1D
+
+    return isinstance(module, (nn.Linear, Conv1D))
+
+
+def _layer_dims(module: nn.Module) -> tuple[int, int] | None:
+    """(in, out) of a layer peft can adapt: linear, GPT-2's Conv1D, embedding, convolution."""
+    from transformers.pytorch_utils import Conv1D
+
+    if isinstance(module, nn.Linear):
+        return module.in_features, module.out_features
+    if isinstance(module, Conv1D):
+        fan_in, fan_out = module.weight.shape  # Conv1D stores (in, out)
+        return int(fan_in), int(fan_out)
+    if isinstance(module, nn.Embedding):
+        return module.num_embeddings, module.embedding_dim
+    if isinstance(module, (nn.Conv1d, nn.Conv2d, nn.Conv3d)):
+        return module.in_channels, module.out_channels
+    return None
+
+
+def _no_match(model: nn.Module, settings: LoraSettings) -> LoraTargetError:
+    return LoraTargetError(
+        f"lora.target_modules={settings.targets_label} matches no module of this model; "
+        f"linear modules here: {', '.join(adaptable_module_names(model))}"
+    )
+
+
+def _peft_config(settings: LoraSettings, *, r: int) -> LoraConfig:
+    from peft import LoraConfig
+
+    targets = settings.target_modules
+    return LoraConfig(
+        r=r,
+        lora_alpha=settings.alpha,
+        lora_dropout=settings.dropout,
+        target_modules=list(targets) if isinstance(targets, tuple) else targets,
+        use_rslora=settings.use_rslora,
+        bias="none",
+        task_type="CAUSAL_LM",
+    )
 
 
 def count_parameters(model: nn.Module) -> tuple[int, int]:

@@ -18,15 +18,13 @@ import torch
 from torch import nn
 
 from lora_sweep.config import ModelConfig
+from lora_sweep.embedded import TINY_LLAMA_DIR
+from lora_sweep.errors import ConfigError, ModelError
 
 log = logging.getLogger(__name__)
 
 _PATCH_ATTR = "_lora_sweep_mask_patch"
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
-
-class ModelError(ValueError):
-    """The checkpoint cannot be used; the message names the path and the fix."""
 
 
 class AttentionMaskError(ValueError):
@@ -36,8 +34,6 @@ class AttentionMaskError(ValueError):
 def resolve_model_dir(cfg: ModelConfig) -> Path:
     """The checkpoint directory: `model.path`, or the embedded tiny Llama when it is null."""
     if cfg.path is None:
-        from lora_sweep.embedded import TINY_LLAMA_DIR
-
         return TINY_LLAMA_DIR
     path = Path(cfg.path).expanduser()
     if not path.is_dir():
@@ -75,6 +71,55 @@ def load_tokenizer(model_dir: Path, cfg: ModelConfig) -> Any:
         log.info("tokenizer has no pad token; padding with EOS (labels are masked by the attention mask)")
         tokenizer.pad_token = tokenizer.eos_token
     return tokenizer
+
+
+def load_model_config(model_dir: Path, cfg: ModelConfig) -> Any:
+    """The checkpoint's `config.json` as a transformers config (no weights loaded)."""
+    from transformers import AutoConfig
+
+    try:
+        return AutoConfig.from_pretrained(
+            str(model_dir), local_files_only=True, trust_remote_code=cfg.trust_remote_code
+        )
+    except (OSError, ValueError, KeyError) as err:
+        raise ModelError(f"cannot read the model config in {model_dir}: {_first_line(err)}") from err
+
+
+def model_skeleton(config: Any, cfg: ModelConfig) -> nn.Module:
+    """The causal LM's modules built from its config on the meta device: shapes without weights
+    (nothing allocated, nothing read), for checks that need only the layer layout."""
+    from transformers import AutoModelForCausalLM
+
+    try:
+        with torch.device("meta"):
+            return AutoModelForCausalLM.from_config(config, trust_remote_code=cfg.trust_remote_code)
+    except (OSError, ValueError, KeyError) as err:
+        raise ModelError(f"cannot build a causal LM from the config of {cfg.path}: {_first_line(err)}") from err
+
+
+# Where configs keep their longest sequence: most models, then GPT-2 style ones.
+_POSITION_KEYS = ("max_position_embeddings", "n_positions")
+
+
+def position_limit(config: Any) -> tuple[str, int] | None:
+    """(config key, value) of the longest sequence the model's positions cover, also from a
+    nested `text_config` (multimodal models); None when the config states none."""
+    for candidate in (config, getattr(config, "text_config", None)):
+        for key in _POSITION_KEYS:
+            value = getattr(candidate, key, None)
+            if isinstance(value, int) and not isinstance(value, bool) and value > 0:
+                return key, value
+    return None
+
+
+def check_max_length(max_length: int, config: Any) -> None:
+    """Refuse a `data.max_length` beyond the model's position limit."""
+    limit = position_limit(config)
+    if limit is not None and max_length > limit[1]:
+        key, value = limit
+        raise ConfigError(
+            f"data.max_length={max_length} exceeds the model's {key}={value}; choose data.max_length <= {value}"
+        )
 
 
 def load_model(model_dir: Path, cfg: ModelConfig, device: torch.device) -> nn.Module:

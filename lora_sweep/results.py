@@ -22,18 +22,23 @@ from typing import TYPE_CHECKING
 import numpy as np
 from filelock import FileLock
 
+from lora_sweep.config import config_keys
 from lora_sweep.sweep.durable import drop_torn_tail
+from lora_sweep.sweep.faults import torn_write
 
 if TYPE_CHECKING:
     import pandas as pd
 
 __all__ = [
     "COLUMN_DOCS",
+    "COLUMN_DTYPES",
     "CSV_COLUMNS",
     "RESULTS_FILENAME",
     "STEP_LOG_COLUMNS",
     "ResultsError",
     "append_row",
+    "check_appendable",
+    "check_header",
     "format_cell",
     "read_rows",
     "results_csv_path",
@@ -49,72 +54,66 @@ RESULTS_FILENAME = "lora_tuning_results.csv"
 PAYLOAD_CSV_KEY = "results_csv"
 LOCK_TIMEOUT_S = 60.0
 
-COLUMN_DOCS: dict[str, str] = {
-    "timestamp_utc": "UTC time the row was written, ISO 8601",
-    "run_id": "unique id of the run (also the name of its run directory)",
-    "study_name": "Optuna study name (empty for a single run)",
-    "trial_number": "Optuna trial number (empty for a single run)",
-    "state": "Optuna trial state: COMPLETE, PRUNED or FAIL (empty for a single run)",
-    "status": "run outcome: success, diverged, failed or pruned",
-    "reason": "why the run did not succeed, in one line (empty on success)",
-    "model": "model.path, or the model option name for the embedded checkpoint",
-    "data": "data.path, or the data option name for the embedded samples",
-    "lora.r": "LoRA rank",
-    "lora.alpha": "LoRA scaling numerator alpha",
-    "lora.dropout": "dropout on the LoRA input",
-    "lora.target_modules": "comma-separated module names LoRA adapts",
-    "lora.use_rslora": "rank-stabilised scaling alpha/sqrt(r) instead of alpha/r",
-    "train.lr": "peak learning rate",
-    "train.max_steps": "optimizer steps requested",
-    "train.batch_size": "sequences per optimizer step",
-    "train.seed": "random seed",
-    "train.warmup_steps": "learning-rate warm-up steps (W in the metrics)",
-    "train.lr_scheduler": "learning-rate schedule after warm-up",
-    "train.weight_decay": "AdamW weight decay",
-    "train.max_grad_norm": "gradient clipping threshold on the total norm",
-    "data.max_length": "maximum tokens per sequence",
-    "steps_completed": "optimizer steps actually run",
-    "avg_loss": "mean training loss over all steps",
-    "initial_loss": "training loss at step 1",
-    "final_loss": "mean training loss over the last 10% of steps",
-    "loss_slope": "OLS slope of ln(loss) against run fraction t/T (negative = learning)",
-    "grad_mean": "mean pre-clip grad norm after warm-up",
-    "grad_std": "population std of the pre-clip grad norm after warm-up",
-    "drawup": "max rebound of ln(loss) above its running minimum",
-    "spike_rate": "fraction of post-warm-up steps that are loss spikes (> 1.5x recent median)",
-    "grad_volatility": "std of step-to-step changes of ln(grad norm) after warm-up",
-    "stability_index": "exp(-drawup)(1-spike_rate)/(1+grad_volatility), 0 if diverged; in [0, 1]",
-    "quality": "max(0, ln(initial_loss/final_loss)) * stability_index (objective, maximize)",
-    "improvement": "1 - final_loss/initial_loss",
-    "learned": "improvement >= the minimum improvement (true/false)",
-    "divergence_step": "step at which the run was judged diverged (empty if not)",
-    "duration_s": "wall-clock seconds of the whole trial (loading, self-check, training)",
-    "tokens_per_s": "real (non-padding) tokens trained per second of the training loop",
-    "real_tokens": "non-padding tokens trained on",
-    "peak_mem_mb": "peak memory in MiB: CUDA max allocated, or the process peak RSS on the CPU",
-    "trainable_params": "number of trainable (LoRA) parameters",
-    "device": "device the run used, e.g. cuda:0 or cpu",
-    "run_dir": "path of the run's directory (config, metrics, step log)",
-}
+# (column, type, doc) of the columns that are not config values: who ran, and what came out.
+_RUN_COLUMNS: tuple[tuple[str, type, str], ...] = (
+    ("timestamp_utc", str, "UTC time the row was written, ISO 8601"),
+    ("run_id", str, "unique id of the run (also the name of its run directory)"),
+    ("study_name", str, "Optuna study name (empty for a single run)"),
+    ("trial_number", int, "Optuna trial number (empty for a single run)"),
+    ("state", str, "Optuna trial state: COMPLETE, PRUNED or FAIL (empty for a single run)"),
+    ("status", str, "run outcome: success, diverged, failed or pruned"),
+    ("reason", str, "why the run did not succeed, in one line (empty on success)"),
+    ("model", str, "model.path, or the model option name for the embedded checkpoint"),
+    ("data", str, "data.path, or the data option name for the embedded samples"),
+)
+_OUTCOME_COLUMNS: tuple[tuple[str, type, str], ...] = (
+    ("steps_completed", int, "optimizer steps actually run"),
+    ("avg_loss", float, "mean training loss over all steps"),
+    ("initial_loss", float, "training loss at step 1"),
+    ("final_loss", float, "mean training loss over the last 10% of steps"),
+    ("loss_slope", float, "OLS slope of ln(loss) against run fraction t/T (negative = learning)"),
+    ("grad_mean", float, "mean pre-clip grad norm after warm-up"),
+    ("grad_std", float, "population std of the pre-clip grad norm after warm-up"),
+    ("drawup", float, "max rebound of ln(loss) above its running minimum"),
+    ("spike_rate", float, "fraction of post-warm-up steps that are loss spikes (> 1.5x recent median)"),
+    ("grad_volatility", float, "std of step-to-step changes of ln(grad norm) after warm-up"),
+    ("stability_index", float, "exp(-drawup)(1-spike_rate)/(1+grad_volatility), 0 if diverged; in [0, 1]"),
+    ("quality", float, "max(0, ln(initial_loss/final_loss)) * stability_index (objective, maximize)"),
+    ("improvement", float, "1 - final_loss/initial_loss"),
+    ("learned", bool, "improvement >= the minimum improvement (true/false)"),
+    ("divergence_step", int, "step at which the run was judged diverged (empty if not)"),
+    ("duration_s", float, "wall-clock seconds of the whole trial (loading, self-check, training)"),
+    ("tokens_per_s", float, "real (non-padding) tokens trained per second of the training loop"),
+    ("real_tokens", int, "non-padding tokens trained on"),
+    ("peak_mem_mb", float, "the trial's own peak memory in MiB: CUDA max allocated, or peak RSS on the CPU"),
+    ("trainable_params", int, "number of trainable (LoRA) parameters"),
+    ("adapted_modules", str, "comma-separated modules LoRA adapted (what lora.target_modules resolved to)"),
+    ("precision", str, "precision the run trained in: fp32 or bf16"),
+    ("device", str, "device the run used, e.g. cuda:0 or cpu"),
+    ("run_dir", str, "path of the run's directory (config, metrics, step log)"),
+)
+_COLUMNS = (
+    _RUN_COLUMNS
+    + tuple((key.key, key.type, key.doc) for key in config_keys())
+    + _OUTCOME_COLUMNS
+)
+
+COLUMN_DOCS: dict[str, str] = {name: doc for name, _, doc in _COLUMNS}
+"""What each column means, in column order: the run's identity, every config value (one
+column per field of `lora_sweep.config.SECTIONS`, documented there), then the outcome."""
 
 CSV_COLUMNS: tuple[str, ...] = tuple(COLUMN_DOCS)
 """The stable results schema, in column order (the keys of ``COLUMN_DOCS``)."""
+
+_PANDAS_DTYPES = {str: "str", int: "Int64", bool: "boolean", float: "float64"}
+COLUMN_DTYPES: dict[str, str] = {name: _PANDAS_DTYPES[kind] for name, kind, _ in _COLUMNS}
+"""The pandas dtype of each column (``read_rows``): text ``str``, integers nullable
+``Int64``, flags nullable ``boolean``, other numbers ``float64``."""
 
 STEP_LOG_COLUMNS: tuple[str, ...] = (
     "step", "loss", "grad_norm", "lr", "tokens", "real_tokens", "elapsed_s",
 )
 """Usual step-log columns; the header of an empty step log."""
-
-_STR_COLUMNS = frozenset({
-    "timestamp_utc", "run_id", "study_name", "state", "status", "reason", "model",
-    "data", "lora.target_modules", "train.lr_scheduler", "device", "run_dir",
-})
-_INT_COLUMNS = frozenset({
-    "trial_number", "lora.r", "train.max_steps", "train.batch_size", "train.seed",
-    "train.warmup_steps", "data.max_length", "steps_completed", "divergence_step",
-    "real_tokens", "trainable_params",
-})
-_BOOL_COLUMNS = frozenset({"lora.use_rslora", "learned"})
 
 
 class ResultsError(Exception):
@@ -180,9 +179,9 @@ def _one_line(cell: str) -> str:
     return " ".join(cell.splitlines()) if ("\n" in cell or "\r" in cell) else cell
 
 
-def _check_existing(csv_path: Path) -> tuple[bool, bool]:
-    """(has_content, ends_with_newline) of the file; raises ResultsError when its
-    header is not CSV_COLUMNS."""
+def check_header(csv_path: Path) -> tuple[bool, bool]:
+    """(has_content, ends_with_newline) of the results CSV (``(False, True)`` when absent or
+    empty); raises ResultsError when its header is not CSV_COLUMNS. Writes nothing."""
     try:
         size = csv_path.stat().st_size
     except FileNotFoundError:
@@ -204,8 +203,6 @@ def _check_existing(csv_path: Path) -> tuple[bool, bool]:
 
 def _append_bytes(csv_path: Path, payload: bytes) -> None:
     """One O_APPEND write (looped only if the OS returns a short write), then fsync."""
-    from lora_sweep.sweep.faults import torn_write
-
     fd = os.open(csv_path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
     try:
         torn_write("csv_write", lambda data: os.write(fd, data), payload)  # tests only
@@ -227,6 +224,30 @@ def _has_trial_row(csv_path: Path, cells: Sequence[str]) -> bool:
         return any(len(r) == len(CSV_COLUMNS) and (r[s_idx], r[t_idx]) == key for r in csv.reader(handle))
 
 
+def check_appendable(results_dir: Path) -> None:
+    """Whether a run could append its row under ``results_dir``, checked without writing:
+    the directory (or its nearest existing parent) is writable, and an existing CSV is
+    writable and has this version's header. Raises ResultsError naming the fix."""
+    csv_path = results_csv_path(results_dir)
+    existing = Path(results_dir)
+    while not existing.exists() and existing.parent != existing:
+        existing = existing.parent
+    if not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
+        what = "is not a directory" if not existing.is_dir() else "is not writable"
+        raise ResultsError(f"results_dir={results_dir}: {existing} {what}; choose a writable results_dir")
+    if csv_path.exists() and not os.access(csv_path, os.W_OK):
+        raise ResultsError(
+            f"the results CSV {csv_path} is not writable; fix its permissions or choose another results_dir"
+        )
+    try:
+        with open(csv_path, "rb") as handle:
+            complete_header = handle.readline().endswith(b"\n")  # else torn: the next append repairs it
+    except FileNotFoundError:
+        return
+    if complete_header:
+        check_header(csv_path)
+
+
 def append_row(csv_path: Path, row: Mapping[str, object], *, once: bool = False) -> None:
     """Append one run's row to the results CSV, safely across processes.
 
@@ -243,7 +264,7 @@ def append_row(csv_path: Path, row: Mapping[str, object], *, once: bool = False)
     with FileLock(str(csv_path) + ".lock", timeout=LOCK_TIMEOUT_S):
         if csv_path.exists():  # a torn row can neither stay corrupt nor duplicate its rewrite
             drop_torn_tail(csv_path, keep_torn=Path(str(csv_path) + ".torn"))
-        has_content, _ = _check_existing(csv_path)
+        has_content, _ = check_header(csv_path)
         if once and has_content and _has_trial_row(csv_path, cells):
             return
         payload = line if has_content else (_HEADER_LINE + line)
@@ -265,18 +286,8 @@ def read_rows(csv_path: str | os.PathLike[str]) -> pd.DataFrame:
 
     with open(csv_path, newline="", encoding="utf-8") as handle:
         header = next(csv.reader(handle), [])
-    dtypes: dict[str, str] = {}
-    na_values: dict[str, list[str]] = {}
-    for column in header:
-        if column in _STR_COLUMNS or column not in COLUMN_DOCS:
-            dtypes[column] = "str"
-        else:
-            dtypes[column] = (
-                "Int64" if column in _INT_COLUMNS
-                else "boolean" if column in _BOOL_COLUMNS
-                else "float64"
-            )
-            na_values[column] = ["", "nan", "NaN"]
+    dtypes = {column: COLUMN_DTYPES.get(column, "str") for column in header}
+    na_values = {column: ["", "nan", "NaN"] for column, dtype in dtypes.items() if dtype != "str"}
     # pandas 3 parses floats exactly by default (and deprecates the option); 2.x needs it.
     exact = {"float_precision": "round_trip"} if int(pd.__version__.split(".")[0]) < 3 else {}
     return pd.read_csv(

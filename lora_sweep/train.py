@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import time
@@ -46,6 +47,21 @@ class LoopResult:
     pruned: bool = False
     train_seconds: float = 0.0  # the whole loop, hooks and logging included
     step_seconds: float = 0.0  # optimizer steps only (data -> update), without hooks and logging
+
+
+@contextlib.contextmanager
+def released(optimizer: torch.optim.Optimizer) -> Iterator[None]:
+    """Drop the optimizer's state (AdamW moments) and the gradients on leaving, also on an error.
+
+    The LR scheduler and the optimizer reference each other, so without this both live on,
+    holding the state and every LoRA gradient, until the next garbage collection: in a worker
+    that runs trial after trial, into the next trial's memory.
+    """
+    try:
+        yield
+    finally:
+        optimizer.zero_grad(set_to_none=True)
+        optimizer.state.clear()
 
 
 def lr_factor(step: int, *, warmup_steps: int, max_steps: int, schedule: str) -> float:
@@ -93,7 +109,8 @@ def train_loop(
     result = LoopResult(steps=[])
     model.train()
     start = time.perf_counter()
-    with mixed_precision(model, precision, device) as autocast:  # bf16 on the CPU: attention stays fp32
+    # bf16 on the CPU: attention stays fp32; the optimizer's state and the gradients go at the end
+    with released(optimizer), mixed_precision(model, precision, device) as autocast:
         for step in range(1, cfg.max_steps + 1):
             # data: counts come from the CPU batch, so they cost no device sync
             step_start = time.perf_counter()

@@ -7,6 +7,7 @@ import os
 import subprocess
 import sys
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -18,7 +19,9 @@ from omegaconf import DictConfig
 from lora_sweep.cli import config_dir
 
 REPO = Path(__file__).resolve().parents[1]
-SHARED_DATA = REPO.parent / "shared" / "data" / "alpaca_seed_tasks.json"
+# The real Alpaca seed tasks are not ours to ship (CC BY-NC): they are reached only through this
+# explicit path (CI sets it), and exactly one test uses them (see `seed_tasks_path`).
+SEED_TASKS_ENV = "LORA_SWEEP_SEED_TASKS"
 
 # Small enough for 2 CPU cores: a few steps, short sequences, small batches.
 TINY = ["train.max_steps=6", "train.warmup_steps=1", "train.batch_size=4", "data.max_length=64", "train.log_every=3"]
@@ -35,6 +38,45 @@ def compose_cfg() -> Iterator[Callable[..., DictConfig]]:
 
     yield _compose
     GlobalHydra.instance().clear()
+
+
+@dataclass(frozen=True)
+class AlpacaFiles:
+    """One set of Alpaca-format records written as a JSON list and as JSONL."""
+
+    records: list[dict[str, str]]
+    json_path: Path
+    jsonl_path: Path
+
+
+@pytest.fixture(scope="session")
+def alpaca_files(tmp_path_factory: pytest.TempPathFactory) -> AlpacaFiles:
+    """An Alpaca-format data set the project makes itself: every 10th embedded sanity sample
+    (40 records, with and without `input`), so the `data=alpaca` path is tested on a file that
+    needs nothing outside the repository."""
+    from lora_sweep.embedded import SANITY_SAMPLES_PATH
+
+    samples = json.loads(SANITY_SAMPLES_PATH.read_text())
+    records = [{"instruction": r["instruction"], "input": r["input"], "output": r["output"]} for r in samples[::10]]
+    assert any(r["input"] for r in records) and any(not r["input"] for r in records)  # both prompt forms
+    out = tmp_path_factory.mktemp("alpaca")
+    json_path, jsonl_path = out / "alpaca_data.json", out / "alpaca_data.jsonl"
+    json_path.write_text(json.dumps(records, indent=1))
+    jsonl_path.write_text("".join(json.dumps(r) + "\n" for r in records))
+    return AlpacaFiles(records=records, json_path=json_path, jsonl_path=jsonl_path)
+
+
+def seed_tasks_path() -> Path:
+    """The real seed tasks at `$LORA_SWEEP_SEED_TASKS`, called in a test's body: the test is
+    skipped when the variable is unset and fails when it names no file (a CI that sets it must
+    not silently lose the test)."""
+    value = os.environ.get(SEED_TASKS_ENV, "")
+    if not value:
+        pytest.skip(f"{SEED_TASKS_ENV} is not set (the path of alpaca_seed_tasks.json; .ci/run sets it)")
+    path = Path(value)
+    if not path.is_file():
+        pytest.fail(f"{SEED_TASKS_ENV}={value} is not a file", pytrace=False)
+    return path
 
 
 def _train_tokenizer(texts: list[str], out: Path) -> None:

@@ -285,6 +285,13 @@ def test_analysis_on_a_real_sweep(tiny_sweep: Path) -> None:
     from_csv = analysis.load_trials(tiny_sweep, source="csv")
     assert from_csv["stability_index"].tolist() == pytest.approx(trials["stability_index"].tolist())
     assert {"lora.r", "lora.alpha", "train.lr", "final_loss", "stability_index", "run_dir", "feasible"} <= set(trials.columns)
+    # config columns come typed from the config's fields, whether read from the study or the CSV
+    from_study = analysis.load_trials(tiny_sweep, source="study")
+    for frame in (from_study, from_csv):
+        assert str(frame["data.mask_prompt"].dtype) == "boolean"
+        assert str(frame["data.max_length"].dtype) == "Int64"
+        assert set(frame["lora.target_modules"]) == set(frame["adapted_modules"]) == {"q_proj,v_proj"}
+        assert set(frame["model.dtype"]) == {"float32"} and set(frame["train.precision"]) == {"auto"}
 
     failed = analysis.by_state(trials, "FAIL")
     assert len(failed) >= 1 and set(failed["status"]) == {"diverged"} and (failed["stability_index"] == 0).all()

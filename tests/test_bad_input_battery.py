@@ -1,6 +1,7 @@
 """The bad-input battery: one table of bad inputs given to a sweep that already has a study and
-a CSV. Each case must print exactly one stderr line naming the problem, exit non-zero, and leave
-the earlier CSV and study byte-identical (and create no trial or run directory).
+a CSV. Each case must print exactly one stderr line naming the problem, exit 2, and leave the
+earlier CSV and study byte-identical (and create no trial or run directory). The model-level
+cases also run as single runs: exit 2, one line, nothing written.
 
 Also the security checks on untrusted input (cheap, in-process): no remote code unless the
 config asks, no pickle loading, servers on 127.0.0.1, no passwords in what a sweep prints."""
@@ -17,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import REPO, one_worker
+from tests.conftest import REPO, TINY, one_worker, run_cli
 
 SWEEP_TINY = ["train.max_steps=6", "train.warmup_steps=1", "train.batch_size=4", "train.log_every=3",
               "data.max_length=64", "hydra.sweeper.enqueue=null"]
@@ -58,7 +59,24 @@ def no_pad_no_eos_ckpt(tiny_ckpt: Path, tmp_path_factory: pytest.TempPathFactory
     return out
 
 
-def _files(tmp: Path, ckpt: Path, no_pad: Path) -> dict[str, str]:
+@pytest.fixture(scope="module")
+def granite_ckpt(tiny_ckpt: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny Granite checkpoint (the conftest tokenizer): a model type peft has no default
+    LoRA target modules for."""
+    from transformers import GraniteConfig, GraniteForCausalLM
+
+    out = tmp_path_factory.mktemp("granite")
+    for item in tiny_ckpt.iterdir():
+        if item.name.startswith(("tokenizer", "special_tokens")):
+            shutil.copy(item, out / item.name)
+    config = GraniteConfig(vocab_size=384, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                           num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+                           bos_token_id=0, eos_token_id=1, pad_token_id=2)
+    GraniteForCausalLM(config).save_pretrained(out)
+    return out
+
+
+def _files(tmp: Path, ckpt: Path, no_pad: Path, granite: Path | None = None) -> dict[str, str]:
     files: dict[str, bytes] = {
         "malformed.json": b'[{"instruction": "x", "output": "y"',
         "empty.json": b"",
@@ -71,12 +89,22 @@ def _files(tmp: Path, ckpt: Path, no_pad: Path) -> dict[str, str]:
         (tmp / name).write_bytes(data)
     (tmp / "not_a_checkpoint").mkdir()
     (tmp / "not_a_checkpoint" / "weights.bin").write_bytes(b"\0" * 16)
-    return {"tmp": str(tmp), "ckpt": str(ckpt), "no_pad": str(no_pad), "pg": UNREACHABLE_PG}
+    return {"tmp": str(tmp), "ckpt": str(ckpt), "no_pad": str(no_pad), "granite": str(granite), "pg": UNREACHABLE_PG}
 
 
 ALPACA = "data=alpaca"
+# Refused by the model-level preflight: also checked as single runs.
+MODEL_LEVEL = [
+    ("missing-data-path", [ALPACA, "data.path=/no/such.json"], "data file not found: /no/such.json"),
+    ("null-targets-no-peft-default", ["model=local", "model.path={granite}", "lora.target_modules=null"],
+     "lora.target_modules=null: peft has no default target modules for model type 'granite'"),
+    ("rank-beyond-layer", ["lora.r=100000"],
+     "lora.r=100000 exceeds the smallest dimension of the targeted layer model.layers.0.self_attn.v_proj"),
+    ("max-length-beyond-positions", ["data.max_length=100000"],
+     "data.max_length=100000 exceeds the model's max_position_embeddings=1024"),
+]
 # (case id, overrides, what the one error line must say)
-BATTERY = [
+BATTERY = [*MODEL_LEVEL,
     ("malformed-json", [ALPACA, "data.path={tmp}/malformed.json"], "malformed.json is not valid JSON"),
     ("empty-file", [ALPACA, "data.path={tmp}/empty.json"], "empty.json is empty"),
     ("no-records", [ALPACA, "data.path={tmp}/no_records.json"], "holds no records"),
@@ -110,10 +138,10 @@ def _digests(results: Path) -> dict[str, str]:
 @pytest.mark.slow
 @pytest.mark.parametrize("overrides,message", [pytest.param(o, m, id=i) for i, o, m in BATTERY])
 def test_bad_input_one_line_nonzero_exit_csv_and_study_untouched(
-    earlier_sweep: Path, tiny_ckpt: Path, no_pad_no_eos_ckpt: Path, tmp_path: Path,
+    earlier_sweep: Path, tiny_ckpt: Path, no_pad_no_eos_ckpt: Path, granite_ckpt: Path, tmp_path: Path,
     overrides: list[str], message: str,
 ) -> None:
-    fmt = _files(tmp_path, tiny_ckpt, no_pad_no_eos_ckpt)
+    fmt = _files(tmp_path, tiny_ckpt, no_pad_no_eos_ckpt, granite_ckpt)
     results = tmp_path / "results"
     shutil.copytree(earlier_sweep, results)
     readonly = overrides == ["READONLY"]
@@ -131,12 +159,36 @@ def test_bad_input_one_line_nonzero_exit_csv_and_study_untouched(
     finally:
         for p, mode in modes.items():
             p.chmod(mode)
-    assert proc.returncode != 0, proc.stdout[-2000:]
+    assert proc.returncode == 2, proc.stdout[-2000:] + proc.stderr[-2000:]
     lines = [line for line in proc.stderr.splitlines() if line.strip()]
     assert len(lines) == 1, proc.stderr
     assert lines[0].startswith("lora_sweep: error: ") and message in lines[0], lines[0]
     assert "Traceback" not in proc.stdout
     assert _digests(results) == before  # CSV, study and trial directories byte-identical, nothing new
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("overrides,message", [pytest.param(o, m, id=i) for i, o, m in MODEL_LEVEL])
+def test_bad_input_single_run_exits_2_with_one_line_and_writes_nothing(
+    tiny_ckpt: Path, no_pad_no_eos_ckpt: Path, granite_ckpt: Path, tmp_path: Path, overrides: list[str], message: str,
+) -> None:
+    fmt = _files(tmp_path, tiny_ckpt, no_pad_no_eos_ckpt, granite_ckpt)
+    results = tmp_path / "results"
+    proc = run_cli(*TINY, *[o.format(**fmt) for o in overrides], f"results_dir={results}")  # the case's values win
+    assert proc.returncode == 2, proc.stdout[-2000:] + proc.stderr[-2000:]
+    lines = [line for line in proc.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("lora_sweep: error: ") and message in lines[0], proc.stderr
+    assert not results.exists()  # no CSV row, no run directory
+
+
+@pytest.mark.slow
+def test_null_targets_train_on_peft_defaults_and_record_them(tmp_path: Path) -> None:
+    from lora_sweep.results import read_rows, results_csv_path
+
+    proc = run_cli("lora.target_modules=null", f"results_dir={tmp_path}", *TINY)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    row = read_rows(results_csv_path(tmp_path)).iloc[0]
+    assert row["lora.target_modules"] == "" and row["adapted_modules"] == "q_proj,v_proj"
 
 
 # ------------------------------------------------------------------------------ security
@@ -150,7 +202,8 @@ def test_remote_code_only_when_the_config_asks() -> None:
     for path in SOURCES:
         assert not re.search(r"trust_remote_code\s*=\s*True", path.read_text()), path
     loader = (REPO / "lora_sweep" / "model.py").read_text()
-    assert loader.count("from_pretrained(") == loader.count("trust_remote_code=cfg.trust_remote_code") == 2
+    loads = loader.count("from_pretrained(") + loader.count("from_config(")
+    assert loads == loader.count("trust_remote_code=cfg.trust_remote_code") == 4
     for option in sorted((REPO / "conf" / "model").glob("*.yaml")):
         assert re.search(r"^trust_remote_code: false\b", option.read_text(), re.M), option
 
@@ -162,7 +215,7 @@ def test_loaders_pass_the_configured_trust_remote_code_and_stay_local(
     import transformers
 
     from lora_sweep.config import ModelConfig
-    from lora_sweep.model import ModelError, load_model, load_tokenizer
+    from lora_sweep.model import ModelError, load_model, load_model_config, load_tokenizer
 
     seen: list[dict[str, object]] = []
 
@@ -172,11 +225,14 @@ def test_loaders_pass_the_configured_trust_remote_code_and_stay_local(
 
     monkeypatch.setattr(transformers.AutoTokenizer, "from_pretrained", fake_from_pretrained)
     monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained", fake_from_pretrained)
+    monkeypatch.setattr(transformers.AutoConfig, "from_pretrained", fake_from_pretrained)
     cfg = ModelConfig(name="local", path=str(tmp_path), trust_remote_code=trust)
-    for load in (lambda: load_tokenizer(tmp_path, cfg), lambda: load_model(tmp_path, cfg, None)):
+    loads = (lambda: load_tokenizer(tmp_path, cfg), lambda: load_model(tmp_path, cfg, None),
+             lambda: load_model_config(tmp_path, cfg))
+    for load in loads:
         with pytest.raises(ModelError):
             load()
-    assert [(k["trust_remote_code"], k["local_files_only"]) for k in seen] == [(trust, True)] * 2
+    assert [(k["trust_remote_code"], k["local_files_only"]) for k in seen] == [(trust, True)] * 3
 
 
 def test_no_pickle_loading_and_weights_load_safely() -> None:

@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
+import csv
 import hashlib
 import json
 from pathlib import Path
 
 import pytest
 
+from lora_sweep import data as d
 from lora_sweep.results import CSV_COLUMNS, read_rows
-from tests.conftest import SHARED_DATA, TINY, run_cli
+from tests.conftest import TINY, AlpacaFiles, run_cli, seed_tasks_path
 
 pytestmark = pytest.mark.slow
 
@@ -74,7 +76,8 @@ def test_bad_input_one_line_nonzero_exit_csv_untouched(
     _bad_files(tmp_path)
     csv_path = results_with_one_row / "lora_tuning_results.csv"
     before, runs_before = _digest(csv_path), sorted((results_with_one_row / "runs").iterdir())
-    base = [] if any(o.startswith(("model", "lora=unknown")) for o in overrides) else ["model=local", f"model.path={tiny_ckpt}"]
+    own_model = any(o.startswith(("model", "lora=unknown")) for o in overrides)
+    base = [] if own_model else ["model=local", f"model.path={tiny_ckpt}"]
     args = [o.format(tmp=tmp_path) for o in overrides]
     if any(a.startswith("model.path=") for a in args) and "model=local" not in args:
         args.insert(0, "model=local")
@@ -95,9 +98,59 @@ def test_failed_run_writes_its_row_and_exits_nonzero(nan_ckpt: Path, tmp_path: P
     assert json.loads((Path(row["run_dir"]) / "result.json").read_text())["status"] == "failed"
 
 
-def test_alpaca_file_end_to_end(tmp_path: Path) -> None:
-    proc = run_cli("data=alpaca", f"data.path={SHARED_DATA}", f"results_dir={tmp_path}", *TINY)
+# Long enough that no record of the alpaca fixture is truncated (its alpaca prompts have 67-250
+# tokens), so each batch's token count shows which records and which template it holds.
+UNTRUNCATED = [o for o in TINY if not o.startswith("data.max_length=")] + ["data.max_length=256"]
+
+
+def _real_tokens_per_step(
+    records: list[dict[str, str]], template: str, overrides: list[str], seed: int = 0
+) -> list[int]:
+    """The real tokens of each step's batch that a run with `overrides` draws from `records`
+    under `template`: the same tokenization, seeded shuffle and per-batch padding as a trial."""
+    from transformers import AutoTokenizer
+
+    from lora_sweep.embedded import TINY_LLAMA_DIR
+
+    tokenizer = AutoTokenizer.from_pretrained(str(TINY_LLAMA_DIR), local_files_only=True)
+    values = dict(o.split("=", 1) for o in overrides)
+    examples = d.tokenize_records(records, tokenizer, template=template, max_length=int(values["data.max_length"]),
+                                  mask_prompt=False)
+    loader = d.make_dataloader(d.SanityDataset(examples), d.Collator(tokenizer.pad_token_id),
+                               batch_size=int(values["train.batch_size"]), seed=seed)
+    batches = d.infinite_batches(loader)
+    return [int(next(batches)["attention_mask"].sum()) for _ in range(int(values["train.max_steps"]))]
+
+
+@pytest.mark.parametrize("fmt", ["json", "jsonl"])
+def test_alpaca_file_end_to_end(alpaca_files: AlpacaFiles, tmp_path: Path, fmt: str) -> None:
+    path = alpaca_files.json_path if fmt == "json" else alpaca_files.jsonl_path
+    proc = run_cli("data=alpaca", f"data.path={path}", f"results_dir={tmp_path}", *UNTRUNCATED)
+    assert proc.returncode == 0, proc.stderr
+    rows = read_rows(tmp_path / "lora_tuning_results.csv")
+    assert len(rows) == 1
+    row = rows.iloc[0]
+    assert row["data"] == str(path) and row["status"] in ("success", "diverged")
+    assert row["steps_completed"] == 6
+    # every step trained on exactly the batches the alpaca template makes of these 40 records:
+    # the per-step token counts depend on the record count (seeded shuffle) and on the template
+    with open(Path(row["run_dir"]) / "steps.csv", newline="") as handle:
+        per_step = [int(r["real_tokens"]) for r in csv.DictReader(handle)]
+    expected = _real_tokens_per_step(alpaca_files.records, "alpaca", UNTRUNCATED)
+    assert per_step == expected and row["real_tokens"] == sum(expected)
+    # the check tells the templates apart, and a record more or less
+    assert expected != _real_tokens_per_step(alpaca_files.records, "plain", UNTRUNCATED)
+    assert expected != _real_tokens_per_step(alpaca_files.records[:-1], "alpaca", UNTRUNCATED)
+
+
+def test_seed_tasks_real_data(tmp_path: Path) -> None:
+    """The one test on real, human-written data (`$LORA_SWEEP_SEED_TASKS`, set by .ci/run):
+    Stanford Alpaca's 175 seed tasks load, and one tiny trial trains on them."""
+    seed_tasks = seed_tasks_path()
+    records = d.load_records(seed_tasks)
+    assert len(records) == 175
+    proc = run_cli("data=alpaca", f"data.path={seed_tasks}", f"results_dir={tmp_path}", *TINY)
     assert proc.returncode == 0, proc.stderr
     row = read_rows(tmp_path / "lora_tuning_results.csv").iloc[0]
-    assert row["data"] == str(SHARED_DATA) and row["status"] in ("success", "diverged")
-    assert row["steps_completed"] == 6 and row["real_tokens"] > 0
+    assert row["data"] == str(seed_tasks) and row["status"] in ("success", "diverged")
+    assert row["steps_completed"] == 6 and row["real_tokens"] == sum(_real_tokens_per_step(records, "alpaca", TINY))

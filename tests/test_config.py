@@ -7,8 +7,9 @@ from pathlib import Path
 import pytest
 from omegaconf import OmegaConf
 
-from lora_sweep.cli import config_dir, error_line, preflight
-from lora_sweep.config import ConfigError, RunConfig
+from lora_sweep.cli import config_dir, preflight
+from lora_sweep.config import RunConfig
+from lora_sweep.errors import INPUT_ERRORS, ConfigError, InputError, error_line
 
 GROUPS = ("model", "data", "lora", "train")
 REQUIRED_KEYS = ["lora.r", "lora.alpha", "lora.dropout", "lora.target_modules", "lora.use_rslora", "train.lr",
@@ -54,6 +55,7 @@ BAD = [
     (["train.lr_scheduler=step"], "train.lr_scheduler must be one of cosine, linear, constant"),
     (["model.attn_implementation=flash"], "model.attn_implementation must be one of sdpa, eager"),
     (["lora.target_modules=[]"], "lora.target_modules must be a non-empty list"),
+    (["lora.target_modules=attention"], "lora.target_modules must be a list of module names, 'all-linear' or null"),
     (["model=local"], "model.path is required"),
     (["data=alpaca"], "data.path is required"),
     (["+lora.rank=3"], "unknown key lora.rank"),
@@ -93,3 +95,21 @@ def test_preflight_leaves_sweep_expressions_to_the_sweeper() -> None:
 
 def test_preflight_skips_help_and_info_flags() -> None:
     preflight(["--cfg", "job", "lora.r=0"])  # Hydra handles these flags itself
+
+
+def test_null_target_modules_means_peft_defaults(compose_cfg) -> None:
+    cfg = RunConfig.from_mapping(OmegaConf.to_container(compose_cfg("lora.target_modules=null"), resolve=True))
+    assert cfg.lora.target_modules is None and cfg.lora.targets_label == "auto"
+    assert cfg.flat_values()["lora.target_modules"] is None
+
+
+def test_flat_values_cover_every_section_field(compose_cfg) -> None:
+    cfg = RunConfig.from_mapping(OmegaConf.to_container(compose_cfg("data.mask_prompt=true"), resolve=True))
+    values = cfg.flat_values()
+    assert values["data.mask_prompt"] is True and values["lora.target_modules"] == "q_proj,v_proj"
+    assert values["model.dtype"] == "float32" and values["train.precision"] == "auto"
+
+
+def test_every_input_error_is_one_input_error_class() -> None:
+    assert all(issubclass(kind, InputError) and issubclass(kind, ValueError) for kind in INPUT_ERRORS)
+    assert len(set(INPUT_ERRORS)) == 4

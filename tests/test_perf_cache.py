@@ -12,10 +12,11 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from lora_sweep import trial as trial_lib
+from lora_sweep.cache import TrialCache
 from lora_sweep.config import RunConfig
+from lora_sweep.errors import ModelError
 from lora_sweep.precision import resolve_precision
-from lora_sweep.trial import clear_cache, run_trial
+from lora_sweep.trial import run_trial, warm_up
 from tests.conftest import REPO, TINY
 
 
@@ -28,8 +29,8 @@ def _losses(run_dir: Path) -> list[str]:
     return [line.split(",")[1] for line in (run_dir / "steps.csv").read_text().splitlines()[1:]]
 
 
-def _base_state(ckpt: Path) -> tuple:
-    (entry,) = trial_lib._models.values()
+def _base_state(cache: TrialCache) -> tuple:
+    (entry,) = cache.models
     base = entry.model
     names = [name for name, _ in base.named_modules()]
     hooks = sum(len(m._forward_pre_hooks) + len(m._forward_hooks) + len(m._backward_hooks) for m in base.modules())
@@ -40,14 +41,14 @@ def test_cached_trials_equal_cold_trials(compose_cfg, tiny_ckpt: Path, tmp_path:
     a = _cfg(compose_cfg, tiny_ckpt, tmp_path, "lora.r=4", "train.lr=3e-3")
     b = _cfg(compose_cfg, tiny_ckpt, tmp_path, "lora.r=16", "train.lr=1e-2", "train.seed=7", "data.max_length=48",
              "lora.target_modules=[q_proj,k_proj,v_proj,o_proj]")
-    clear_cache()
-    cold = run_trial(a, tmp_path / "a_cold")
-    state = _base_state(tiny_ckpt)
-    first_b = run_trial(b, tmp_path / "b")
-    assert _base_state(tiny_ckpt) == state  # no adapter layers, hooks or attributes left behind
-    warm = run_trial(a, tmp_path / "a_warm")
-    again_b = run_trial(b, tmp_path / "b_again")
-    assert _base_state(tiny_ckpt) == state
+    cache = TrialCache()
+    cold = run_trial(a, tmp_path / "a_cold", cache=cache)
+    state = _base_state(cache)
+    first_b = run_trial(b, tmp_path / "b", cache=cache)
+    assert _base_state(cache) == state  # no adapter layers, hooks or attributes left behind
+    warm = run_trial(a, tmp_path / "a_warm", cache=cache)
+    again_b = run_trial(b, tmp_path / "b_again", cache=cache)
+    assert _base_state(cache) == state
     assert not cold.cache_hit and warm.cache_hit and first_b.cache_hit
     assert warm.status == cold.status and warm.steps_completed == cold.steps_completed == 6
     assert warm.metrics == cold.metrics and _losses(tmp_path / "a_warm") == _losses(tmp_path / "a_cold")
@@ -58,15 +59,19 @@ def test_cached_trials_equal_cold_trials(compose_cfg, tiny_ckpt: Path, tmp_path:
     assert not cold.self_check["eager_matches_sdpa"].startswith("cached")
     assert warm.self_check["eager_matches_sdpa"].startswith("cached: ")
     assert not warm.self_check["first_backward"].startswith("cached")
-    clear_cache()
-    assert run_trial(a, tmp_path / "a_cleared").metrics == cold.metrics
+    cache.clear()
+    assert not cache.models
+    cleared = run_trial(a, tmp_path / "a_cleared", cache=cache)
+    assert not cleared.cache_hit and cleared.metrics == cold.metrics
+    assert run_trial(a, tmp_path / "a_fresh").metrics == cold.metrics  # no cache given: a cold start
 
 
 @pytest.mark.slow
 def test_cached_trial_equals_a_fresh_process(compose_cfg, tiny_ckpt: Path, tmp_path: Path) -> None:
     overrides = ["model=local", f"model.path={tiny_ckpt}", f"results_dir={tmp_path}", *TINY]
-    run_trial(_cfg(compose_cfg, tiny_ckpt, tmp_path, "lora.r=16", "train.seed=3"), tmp_path / "other")
-    warm = run_trial(_cfg(compose_cfg, tiny_ckpt, tmp_path), tmp_path / "warm")
+    cache = TrialCache()
+    run_trial(_cfg(compose_cfg, tiny_ckpt, tmp_path, "lora.r=16", "train.seed=3"), tmp_path / "other", cache=cache)
+    warm = run_trial(_cfg(compose_cfg, tiny_ckpt, tmp_path), tmp_path / "warm", cache=cache)
     assert warm.cache_hit
     script = (
         "import json, sys; from lora_sweep.trial import run_trial; from lora_sweep.config import RunConfig\n"
@@ -84,15 +89,14 @@ def test_cached_trial_equals_a_fresh_process(compose_cfg, tiny_ckpt: Path, tmp_p
 
 
 def test_failed_model_checks_are_not_cached(compose_cfg, nan_ckpt: Path, tmp_path: Path) -> None:
-    clear_cache()
+    cache = TrialCache()
     cfg = _cfg(compose_cfg, nan_ckpt, tmp_path)
-    first = run_trial(cfg, tmp_path / "one")
-    second = run_trial(cfg, tmp_path / "two")
+    first = run_trial(cfg, tmp_path / "one", cache=cache)
+    second = run_trial(cfg, tmp_path / "two", cache=cache)
     assert first.status == second.status == "failed" and "self-check" in second.reason
     assert second.cache_hit
-    (entry,) = trial_lib._models.values()
+    (entry,) = cache.models
     assert entry.checked is None and not entry.in_use
-    clear_cache()
 
 
 def test_precision_auto_is_fp32_for_tiny_models_and_bf16_runs(compose_cfg, tiny_ckpt: Path, tmp_path: Path) -> None:
@@ -100,11 +104,12 @@ def test_precision_auto_is_fp32_for_tiny_models_and_bf16_runs(compose_cfg, tiny_
     assert resolve_precision("auto", torch.device("cpu"), tiny) == "fp32"
     assert resolve_precision("bf16", torch.device("cpu"), tiny) == "bf16"
     assert resolve_precision("fp32", torch.device("cpu"), tiny) == "fp32"
-    result = run_trial(_cfg(compose_cfg, tiny_ckpt, tmp_path, "train.precision=bf16"), tmp_path / "bf16")
+    cache = TrialCache()
+    result = run_trial(_cfg(compose_cfg, tiny_ckpt, tmp_path, "train.precision=bf16"), tmp_path / "bf16", cache=cache)
     assert result.status != "failed" and result.steps_completed == 6 and result.precision == "bf16"
     saved = json.loads((tmp_path / "bf16" / "result.json").read_text())
     assert saved["precision"] == "bf16"
-    (entry,) = trial_lib._models.values()
+    (entry,) = cache.models
     assert all(p.dtype == torch.float32 for p in entry.model.parameters())  # fp32 master weights
 
 
@@ -112,23 +117,39 @@ def test_warm_up_loads_the_base_model_once_and_changes_no_result(compose_cfg, ti
     """A sweep worker's warm-up puts the base model in the cache and runs the model-level
     self-checks; its first trial is then a cache hit with exactly the metrics of a cold trial."""
     cfg = _cfg(compose_cfg, tiny_ckpt, tmp_path)
-    clear_cache()
     cold = run_trial(cfg, tmp_path / "cold")
-    clear_cache()
+    cache = TrialCache()
     frozen_before = gc.get_freeze_count()
     try:
-        trial_lib.warm_up(cfg)
+        warm_up(cfg, cache)
         # what the worker holds for good is frozen: full collections in its trials skip it
         assert gc.get_freeze_count() > frozen_before + 10_000
     finally:
         gc.unfreeze()  # this test process is not a worker
-    (entry,) = trial_lib._models.values()
+    (entry,) = cache.models
     assert not entry.in_use
-    warm = run_trial(cfg, tmp_path / "warm")
+    warm = run_trial(cfg, tmp_path / "warm", cache=cache)
     assert warm.cache_hit and not cold.cache_hit
     assert warm.self_check["eager_matches_sdpa"].startswith("cached: ")
     assert warm.metrics == cold.metrics and _losses(tmp_path / "warm") == _losses(tmp_path / "cold")
-    clear_cache()
-    trial_lib.warm_up(_cfg(compose_cfg, tmp_path / "no_such_checkpoint", tmp_path))  # left for the trial to report
-    gc.unfreeze()
-    assert not trial_lib._models
+
+
+def test_warm_up_raises_bad_input_and_swallows_the_rest(
+    compose_cfg, tiny_ckpt: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Bad input is the sweep's to refuse before its study; any other failure is left for the
+    first trial to run again and report as its own."""
+    cache = TrialCache()
+    try:
+        with pytest.raises(ModelError, match="is not a directory"):
+            warm_up(_cfg(compose_cfg, tmp_path / "no_such_checkpoint", tmp_path), cache)
+
+        def broken_self_check(*args: object, **kwargs: object) -> None:
+            raise RuntimeError("not an input problem")
+
+        monkeypatch.setattr("lora_sweep.trial.run_self_check", broken_self_check)
+        warm_up(_cfg(compose_cfg, tiny_ckpt, tmp_path), cache)  # no error
+    finally:
+        gc.unfreeze()
+    (entry,) = cache.models
+    assert entry.checked is None and not entry.in_use

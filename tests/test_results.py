@@ -8,13 +8,16 @@ import json
 import math
 import multiprocessing
 import random
+from dataclasses import fields
 from pathlib import Path
 
 import numpy as np
 import pytest
 
+from lora_sweep.config import SECTIONS
 from lora_sweep.results import (
     COLUMN_DOCS,
+    COLUMN_DTYPES,
     CSV_COLUMNS,
     ResultsError,
     append_row,
@@ -27,14 +30,19 @@ from lora_sweep.results import (
     write_text,
 )
 
+# The schema, spelled out: a change to it is a change to every reader of the CSV.
 SPEC_COLUMNS = (
     "timestamp_utc, run_id, study_name, trial_number, state, status, reason, model, data, "
-    "lora.r, lora.alpha, lora.dropout, lora.target_modules, lora.use_rslora, train.lr, "
-    "train.max_steps, train.batch_size, train.seed, train.warmup_steps, train.lr_scheduler, "
-    "train.weight_decay, train.max_grad_norm, data.max_length, steps_completed, avg_loss, "
+    "model.name, model.path, model.attn_implementation, model.dtype, model.trust_remote_code, model.self_check, "
+    "data.name, data.path, data.template, data.max_length, data.mask_prompt, data.padding, data.group_by_length, "
+    "lora.r, lora.alpha, lora.dropout, lora.target_modules, lora.use_rslora, "
+    "train.lr, train.max_steps, train.batch_size, train.seed, train.warmup_steps, train.lr_scheduler, "
+    "train.weight_decay, train.max_grad_norm, train.min_improvement, train.device, train.log_every, "
+    "train.precision, steps_completed, avg_loss, "
     "initial_loss, final_loss, loss_slope, grad_mean, grad_std, drawup, spike_rate, "
     "grad_volatility, stability_index, quality, improvement, learned, divergence_step, "
-    "duration_s, tokens_per_s, real_tokens, peak_mem_mb, trainable_params, device, run_dir"
+    "duration_s, tokens_per_s, real_tokens, peak_mem_mb, trainable_params, adapted_modules, precision, "
+    "device, run_dir"
 ).split(", ")
 
 
@@ -53,9 +61,22 @@ def records(path: Path) -> list[list[str]]:
 
 def test_schema_matches_spec_and_is_documented() -> None:
     assert list(CSV_COLUMNS) == SPEC_COLUMNS
-    assert list(COLUMN_DOCS) == list(CSV_COLUMNS)
+    assert list(COLUMN_DOCS) == list(CSV_COLUMNS) == list(COLUMN_DTYPES)
     for column, doc in COLUMN_DOCS.items():
         assert doc.strip() and "\n" not in doc, column
+
+
+def test_every_config_field_is_a_documented_typed_column() -> None:
+    """A config value that changes the numbers can never be missing from the rows: each field
+    of each section is a column, documented by the field, typed by its annotation."""
+    for section, schema in SECTIONS.items():
+        for item in fields(schema):
+            key = f"{section}.{item.name}"
+            assert key in CSV_COLUMNS and COLUMN_DOCS[key] == item.metadata["doc"], key
+    types = {"data.mask_prompt": "boolean", "data.max_length": "Int64", "model.dtype": "str",
+             "model.path": "str", "lora.alpha": "float64", "lora.target_modules": "str",
+             "train.precision": "str", "trial_number": "Int64", "learned": "boolean", "avg_loss": "float64"}
+    assert {key: COLUMN_DTYPES[key] for key in types} == types
 
 
 def test_header_written_once_across_appends(csv_path: Path) -> None:
