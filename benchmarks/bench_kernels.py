@@ -99,11 +99,20 @@ def make_step(model_dir: Path, variant: str, stack: contextlib.ExitStack) -> Cal
 def run(head_dim: int, rounds: int, tmp: Path, records: list[dict[str, str]]) -> dict[str, float]:
     model_dir = bench.build_model_dir(tmp / f"llama8m_hd{head_dim}", head_dim)
     tokenizer = load_tokenizer(model_dir, ModelConfig(name="local", path=str(model_dir)))
-    examples = [e for e in data_lib.tokenize_records(records, tokenizer, template="plain", max_length=bench.MAX_LENGTH,
-                                                     mask_prompt=False)
-                if bench.MIN_TEXT_TOKENS <= len(e.input_ids) <= 400]
-    loader = data_lib.make_dataloader(data_lib.SanityDataset(examples), data_lib.Collator(tokenizer.pad_token_id),
-                                      batch_size=bench.BATCH, seed=bench.SEED, group_by_length=True)
+    examples = [
+        e
+        for e in data_lib.tokenize_records(
+            records, tokenizer, template="plain", max_length=bench.MAX_LENGTH, mask_prompt=False
+        )
+        if bench.MIN_TEXT_TOKENS <= len(e.input_ids) <= 400
+    ]
+    loader = data_lib.make_dataloader(
+        data_lib.SanityDataset(examples),
+        data_lib.Collator(tokenizer.pad_token_id),
+        batch_size=bench.BATCH,
+        seed=bench.SEED,
+        group_by_length=True,
+    )
     batches = list(loader)
     with contextlib.ExitStack() as stack:
         steps = {v: make_step(model_dir, v, stack) for v in VARIANTS}
@@ -135,13 +144,20 @@ def main() -> None:
     tmp = Path(tempfile.mkdtemp(prefix="bench_kernels_"))
     tokenizer = load_tokenizer(TINY_LLAMA_DIR, ModelConfig(name="tiny_llama", path=None))  # every benchmark model's
     records, source = bench.benchmark_records(args.data, tokenizer, tmp)
-    lengths = [len(e.input_ids) for e in data_lib.tokenize_records(records, tokenizer, template="plain",
-                                                                   max_length=bench.MAX_LENGTH, mask_prompt=False)]
+    lengths = [
+        len(e.input_ids)
+        for e in data_lib.tokenize_records(
+            records, tokenizer, template="plain", max_length=bench.MAX_LENGTH, mask_prompt=False
+        )
+    ]
     kept = sum(bench.MIN_TEXT_TOKENS <= n <= 400 for n in lengths)
-    print(f"{torch.get_num_threads()} torch threads, bf16 native={torch.ops.mkldnn._is_mkldnn_bf16_supported()}, "
-          f"torch {torch.__version__}")
-    print(f"data: {source}; 8-sample length-grouped batches of the {kept} records with "
-          f"{bench.MIN_TEXT_TOKENS}-400 tokens")
+    print(
+        f"{torch.get_num_threads()} torch threads, bf16 native={torch.ops.mkldnn._is_mkldnn_bf16_supported()}, "
+        f"torch {torch.__version__}"
+    )
+    print(
+        f"data: {source}; 8-sample length-grouped batches of the {kept} records with {bench.MIN_TEXT_TOKENS}-400 tokens"
+    )
     for head_dim in args.head_dims:
         tps = run(head_dim, args.rounds, tmp, records)
         print(f"\nhead_dim {head_dim} ({256 // head_dim} query / {128 // head_dim} KV heads), {args.rounds} epochs:")

@@ -100,8 +100,15 @@ class Replay:
 # ------------------------------------------------------------------------------- running
 def run_sweep(results_dir: Path, seed: int, overrides: list[str]) -> float:
     """Runs the default sweep through the CLI; returns its wall time. Exits on failure."""
-    cmd = [sys.executable, "-m", "lora_sweep", "-m", f"results_dir={results_dir}",
-           f"hydra.sweeper.seed={seed}", *overrides]
+    cmd = [
+        sys.executable,
+        "-m",
+        "lora_sweep",
+        "-m",
+        f"results_dir={results_dir}",
+        f"hydra.sweeper.seed={seed}",
+        *overrides,
+    ]
     results_dir.mkdir(parents=True, exist_ok=True)
     log_path = results_dir / "bench_pruning.log"
     start = time.perf_counter()
@@ -206,13 +213,22 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="sweeper seeds (default 0 1 2)")
     parser.add_argument("--overrides", default="", help="Hydra overrides for both runs (one shell-quoted string)")
-    parser.add_argument("--pruned-overrides", default="",
-                        help="Hydra overrides for the pruned run only, e.g. 'hydra.sweeper.pruner.percentile=25'")
-    parser.add_argument("--n-jobs", default="1",
-                        help="hydra.sweeper.n_jobs for both runs "
-                             "(default 1: reproducible; 'auto': the sweep's default)")
-    parser.add_argument("--keep", type=Path, default=None,
-                        help="keep the runs under this directory (reused by a rerun of the same command)")
+    parser.add_argument(
+        "--pruned-overrides",
+        default="",
+        help="Hydra overrides for the pruned run only, e.g. 'hydra.sweeper.pruner.percentile=25'",
+    )
+    parser.add_argument(
+        "--n-jobs",
+        default="1",
+        help="hydra.sweeper.n_jobs for both runs (default 1: reproducible; 'auto': the sweep's default)",
+    )
+    parser.add_argument(
+        "--keep",
+        type=Path,
+        default=None,
+        help="keep the runs under this directory (reused by a rerun of the same command)",
+    )
     args = parser.parse_args(argv)
 
     common = [f"hydra.sweeper.n_jobs={args.n_jobs}", *shlex.split(args.overrides)]
@@ -243,26 +259,34 @@ def main(argv: list[str] | None = None) -> int:
                 flush=True,
             )
 
-    header = f"{'seed':>4} {'steps_pruned':>12} {'steps_unpruned':>14} {'saved':>6} {'best_pruned':>11} " \
-             f"{'best_unpruned':>13} {'no_worse':>8} {'n_pruned':>8} {'unpruned_best_in_replay':>24}"
+    header = (
+        f"{'seed':>4} {'steps_pruned':>12} {'steps_unpruned':>14} {'saved':>6} {'best_pruned':>11} "
+        f"{'best_unpruned':>13} {'no_worse':>8} {'n_pruned':>8} {'unpruned_best_in_replay':>24}"
+    )
     print()
     print(header)
     for seed, with_p, without, rep in rows:
         saved = 1.0 - with_p.steps / without.steps if without.steps else math.nan
         fate = _fate(without, rep)
         ok = _no_worse(with_p.best, without.best, without.direction)
-        print(f"{seed:>4} {with_p.steps:>12} {without.steps:>14} {saved:>6.1%} {_fmt(with_p.best):>11} "
-              f"{_fmt(without.best):>13} {'yes' if ok else 'NO':>8} {with_p.pruned:>4}/{with_p.trials:<3} {fate:>24}")
+        print(
+            f"{seed:>4} {with_p.steps:>12} {without.steps:>14} {saved:>6.1%} {_fmt(with_p.best):>11} "
+            f"{_fmt(without.best):>13} {'yes' if ok else 'NO':>8} {with_p.pruned:>4}/{with_p.trials:<3} {fate:>24}"
+        )
     total_p = sum(r[1].steps for r in rows)
     total_u = sum(r[2].steps for r in rows)
     saved_total = 1.0 - total_p / total_u if total_u else math.nan
     best_p = statistics.median(r[1].best for r in rows)
     best_u = statistics.median(r[2].best for r in rows)
     no_worse = sum(_no_worse(r[1].best, r[2].best, r[2].direction) for r in rows)
-    print(f"{'all':>4} {total_p:>12} {total_u:>14} {saved_total:>6.1%} {_fmt(best_p):>11} {_fmt(best_u):>13} "
-          f"{f'{no_worse}/{len(rows)}':>8}   (steps: totals; best: medians over seeds)")
-    print(f"steps_saved={saved_total:.3f} best_pruned={_fmt(best_p)} best_unpruned={_fmt(best_u)} "
-          f"no_worse={no_worse}/{len(rows)}")
+    print(
+        f"{'all':>4} {total_p:>12} {total_u:>14} {saved_total:>6.1%} {_fmt(best_p):>11} {_fmt(best_u):>13} "
+        f"{f'{no_worse}/{len(rows)}':>8}   (steps: totals; best: medians over seeds)"
+    )
+    print(
+        f"steps_saved={saved_total:.3f} best_pruned={_fmt(best_p)} best_unpruned={_fmt(best_u)} "
+        f"no_worse={no_worse}/{len(rows)}"
+    )
     return 0
 
 

@@ -62,8 +62,10 @@ def main() -> None:
         cache = TrialCache()  # one per process, as a sweep worker holds it: later trials run warm
         cold = run_trial(cfg(), tmp / "cold", cache=cache)
         warm = run_trial(cfg(), tmp / "warm", cache=cache)
-        print(f"self-check: {cold.self_check['seconds']} s on a cold base model, {warm.self_check['seconds']} s cached "
-              f"(trial train loop {warm.train_seconds:.2f} s); metrics equal: {cold.metrics == warm.metrics}")
+        print(
+            f"self-check: {cold.self_check['seconds']} s on a cold base model, {warm.self_check['seconds']} s cached "
+            f"(trial train loop {warm.train_seconds:.2f} s); metrics equal: {cold.metrics == warm.metrics}"
+        )
         tps: dict[str, list[float]] = {k: [] for k in VARIANTS}
         for rnd in range(args.rounds):
             for name, extra in VARIANTS.items():
@@ -79,7 +81,8 @@ def main() -> None:
 
     # AdamW on the default LoRA parameters (q_proj, v_proj, r=8: 16 tensors)
     params = [torch.nn.Parameter(torch.randn(8, 128)) for _ in range(8)] + [
-        torch.nn.Parameter(torch.randn(n, 8)) for n in (128, 64) * 4]
+        torch.nn.Parameter(torch.randn(n, 8)) for n in (128, 64) * 4
+    ]
     for p in params:
         p.grad = torch.randn_like(p)
     print()

@@ -139,14 +139,20 @@ def benchmark_records(data: str | None, tokenizer, tmp: Path) -> tuple[list[dict
     path = tmp / "generated_seed_task_shaped.json"
     path.write_text(json.dumps(generated_records(tokenizer), indent=1))
     records = data_lib.load_records(path)
-    return records, (f"{len(records)} records generated from the embedded sanity samples ({path}; "
-                     f"set --data or ${SEED_TASKS_ENV} for the seed tasks the published figures used)")
+    return records, (
+        f"{len(records)} records generated from the embedded sanity samples ({path}; "
+        f"set --data or ${SEED_TASKS_ENV} for the seed tasks the published figures used)"
+    )
 
 
 def add_data_argument(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--data", default=None, metavar="PATH",
-                        help=f"Alpaca JSON/JSONL file (default: ${SEED_TASKS_ENV} when set, else a generated data "
-                             "set of the seed tasks' shape, made of the embedded sanity samples)")
+    parser.add_argument(
+        "--data",
+        default=None,
+        metavar="PATH",
+        help=f"Alpaca JSON/JSONL file (default: ${SEED_TASKS_ENV} when set, else a generated data "
+        "set of the seed tasks' shape, made of the embedded sanity samples)",
+    )
 
 
 # ----------------------------------------------------------------------------------- helpers
@@ -184,8 +190,9 @@ class PeakRss:
         self._thread.join()
 
 
-def matmul_ceiling(shapes: list[tuple[int, int, int]], dtype: torch.dtype, device: torch.device,
-                   seconds: float = 1.0) -> float:
+def matmul_ceiling(
+    shapes: list[tuple[int, int, int]], dtype: torch.dtype, device: torch.device, seconds: float = 1.0
+) -> float:
     """Best GFLOP/s of torch.matmul over `shapes` (m, k, n) in `dtype`."""
     best = 0.0
     for m, k, n in shapes:
@@ -215,10 +222,17 @@ def build_model_dir(out: Path, head_dim: int = 64) -> Path:
 
     tokenizer = load_tokenizer(TINY_LLAMA_DIR, ModelConfig(name="tiny_llama", path=None))
     config = LlamaConfig(
-        vocab_size=len(tokenizer), hidden_size=256, intermediate_size=688, num_hidden_layers=10,
-        num_attention_heads=256 // head_dim, num_key_value_heads=128 // head_dim, head_dim=head_dim,
+        vocab_size=len(tokenizer),
+        hidden_size=256,
+        intermediate_size=688,
+        num_hidden_layers=10,
+        num_attention_heads=256 // head_dim,
+        num_key_value_heads=128 // head_dim,
+        head_dim=head_dim,
         max_position_embeddings=1024,
-        tie_word_embeddings=True, bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+        tie_word_embeddings=True,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,
     )
     torch.manual_seed(0)
@@ -248,8 +262,16 @@ def fresh_lora_model(model_dir: Path, device: torch.device, lora: LoraSettings =
 
 # ---------------------------------------------------------------------------------- variants
 class Run:
-    def __init__(self, name: str, real_tokens: int, seconds: float, losses: list[float], peak_mb: float,
-                 flops: float, precision: str) -> None:
+    def __init__(
+        self,
+        name: str,
+        real_tokens: int,
+        seconds: float,
+        losses: list[float],
+        peak_mb: float,
+        flops: float,
+        precision: str,
+    ) -> None:
         self.name, self.real_tokens, self.seconds, self.losses = name, real_tokens, seconds, losses
         self.peak_mb, self.flops, self.precision = peak_mb, flops, precision
 
@@ -258,8 +280,16 @@ class Run:
         return self.real_tokens / self.seconds
 
 
-def run_ours(compose: Callable, model_dir: Path, data_path: Path, steps: int, results: Path, tag: str, *extra: str,
-             cache: TrialCache) -> Run:
+def run_ours(
+    compose: Callable,
+    model_dir: Path,
+    data_path: Path,
+    steps: int,
+    results: Path,
+    tag: str,
+    *extra: str,
+    cache: TrialCache,
+) -> Run:
     """Our trial exactly as the CLI runs it: the composed Hydra config through `run_trial`, with
     the process's one `cache` (warm after the first call, as in a sweep worker)."""
     from omegaconf import OmegaConf
@@ -267,11 +297,24 @@ def run_ours(compose: Callable, model_dir: Path, data_path: Path, steps: int, re
     from lora_sweep.trial import run_trial
 
     cfg = compose(
-        "model=local", f"model.path={model_dir}", "data=alpaca", f"data.path={data_path}", "data.template=plain",
-        f"data.max_length={MAX_LENGTH}", f"train.batch_size={BATCH}", f"train.max_steps={steps}", f"train.seed={SEED}",
-        f"train.lr={LR}", f"train.warmup_steps={WARMUP}", f"lora.r={LORA.r}", f"lora.alpha={LORA.alpha}",
+        "model=local",
+        f"model.path={model_dir}",
+        "data=alpaca",
+        f"data.path={data_path}",
+        "data.template=plain",
+        f"data.max_length={MAX_LENGTH}",
+        f"train.batch_size={BATCH}",
+        f"train.max_steps={steps}",
+        f"train.seed={SEED}",
+        f"train.lr={LR}",
+        f"train.warmup_steps={WARMUP}",
+        f"lora.r={LORA.r}",
+        f"lora.alpha={LORA.alpha}",
         f"lora.dropout={LORA.dropout}",
-        f"results_dir={results}", f"train.log_every={steps}", "data.group_by_length=true", *extra,
+        f"results_dir={results}",
+        f"train.log_every={steps}",
+        "data.group_by_length=true",
+        *extra,
     )
     run_cfg = RunConfig.from_mapping(OmegaConf.to_container(cfg, resolve=True))
     with PeakRss(torch.device("cpu") if not torch.cuda.is_available() else torch.device("cuda")) as mem:
@@ -285,10 +328,13 @@ def naive_batches(model_dir: Path, texts: list[str], seed: int) -> Iterator[dict
     """The seed's pipeline: pad every sample to max_length, labels = input_ids.clone()."""
     tokenizer = load_tokenizer(model_dir, ModelConfig(name="local", path=str(model_dir)))
     enc = tokenizer(texts, padding="max_length", truncation=True, max_length=MAX_LENGTH, return_tensors="pt")
-    items = [{"input_ids": i, "attention_mask": m, "labels": i.clone()}
-             for i, m in zip(enc["input_ids"], enc["attention_mask"], strict=True)]
-    loader = torch.utils.data.DataLoader(items, batch_size=BATCH, shuffle=True,
-                                         generator=torch.Generator().manual_seed(seed))
+    items = [
+        {"input_ids": i, "attention_mask": m, "labels": i.clone()}
+        for i, m in zip(enc["input_ids"], enc["attention_mask"], strict=True)
+    ]
+    loader = torch.utils.data.DataLoader(
+        items, batch_size=BATCH, shuffle=True, generator=torch.Generator().manual_seed(seed)
+    )
     while True:
         yield from loader
 
@@ -354,9 +400,21 @@ class CountingCollator:
         return batch
 
 
-def run_trainer(name: str, model_dir: Path, examples: list, steps: int, device: torch.device, model_cfg, *,
-                tuned: bool, bf16: bool, loader: torch.utils.data.DataLoader | None = None,
-                constant_lr: bool = False, out: Path, lora: LoraSettings = LORA) -> Run:
+def run_trainer(
+    name: str,
+    model_dir: Path,
+    examples: list,
+    steps: int,
+    device: torch.device,
+    model_cfg,
+    *,
+    tuned: bool,
+    bf16: bool,
+    loader: torch.utils.data.DataLoader | None = None,
+    constant_lr: bool = False,
+    out: Path,
+    lora: LoraSettings = LORA,
+) -> Run:
     """HF Trainer + peft. Default: what a user writes (random sampler, DataCollatorForLanguageModeling
     with dynamic padding, labels = input_ids with pads set to -100). Tuned: + length grouping and bf16
     where we use it. `loader`: feed exactly these batches (the loss-agreement check)."""
@@ -367,11 +425,23 @@ def run_trainer(name: str, model_dir: Path, examples: list, steps: int, device: 
     collator = CountingCollator(DataCollatorForLanguageModeling(tokenizer, mlm=False))
     dataset = [{"input_ids": list(e.input_ids)} for e in examples]
     args = TrainingArguments(
-        output_dir=str(out), per_device_train_batch_size=BATCH, max_steps=steps, learning_rate=LR, seed=SEED,
-        data_seed=SEED, warmup_steps=0 if constant_lr else WARMUP,
-        lr_scheduler_type="constant" if constant_lr else "cosine", weight_decay=0.0, max_grad_norm=1.0,
-        logging_steps=1, save_strategy="no", report_to="none", disable_tqdm=True, use_cpu=device.type == "cpu",
-        bf16=bf16, train_sampling_strategy="group_by_length" if tuned else "random",
+        output_dir=str(out),
+        per_device_train_batch_size=BATCH,
+        max_steps=steps,
+        learning_rate=LR,
+        seed=SEED,
+        data_seed=SEED,
+        warmup_steps=0 if constant_lr else WARMUP,
+        lr_scheduler_type="constant" if constant_lr else "cosine",
+        weight_decay=0.0,
+        max_grad_norm=1.0,
+        logging_steps=1,
+        save_strategy="no",
+        report_to="none",
+        disable_tqdm=True,
+        use_cpu=device.type == "cpu",
+        bf16=bf16,
+        train_sampling_strategy="group_by_length" if tuned else "random",
     )
     timer = _Timer()
 
@@ -397,20 +467,36 @@ def run_trainer(name: str, model_dir: Path, examples: list, steps: int, device: 
 
 
 # ------------------------------------------------------------------------------ sections
-def loss_agreement(model_dir: Path, examples: list, collator, steps: int, device: torch.device, model_cfg,
-                   out: Path) -> float:
+def loss_agreement(
+    model_dir: Path, examples: list, collator, steps: int, device: torch.device, model_cfg, out: Path
+) -> float:
     """Our loop vs Trainer on identical batches (fp32, constant lr, same LoRA init, no dropout so that
     both draw no random numbers): max |dloss|."""
     ours_model = fresh_lora_model(model_dir, device, NO_DROPOUT)
-    loader = data_lib.make_dataloader(data_lib.SanityDataset(examples), collator, batch_size=BATCH, seed=SEED,
-                                      group_by_length=True)
-    cfg = TrainConfig(lr=LR, max_steps=steps, batch_size=BATCH, seed=SEED, warmup_steps=0, lr_scheduler="constant",
-                      log_every=steps)
+    loader = data_lib.make_dataloader(
+        data_lib.SanityDataset(examples), collator, batch_size=BATCH, seed=SEED, group_by_length=True
+    )
+    cfg = TrainConfig(
+        lr=LR, max_steps=steps, batch_size=BATCH, seed=SEED, warmup_steps=0, lr_scheduler="constant", log_every=steps
+    )
     ours = [s.loss for s in train_loop(ours_model, data_lib.infinite_batches(loader), cfg, device).steps]
-    loader2 = data_lib.make_dataloader(data_lib.SanityDataset(examples), collator, batch_size=BATCH, seed=SEED,
-                                       group_by_length=True)
-    theirs = run_trainer("trainer_same_batches", model_dir, examples, steps, device, model_cfg, tuned=False,
-                         bf16=False, loader=loader2, constant_lr=True, out=out, lora=NO_DROPOUT).losses
+    loader2 = data_lib.make_dataloader(
+        data_lib.SanityDataset(examples), collator, batch_size=BATCH, seed=SEED, group_by_length=True
+    )
+    theirs = run_trainer(
+        "trainer_same_batches",
+        model_dir,
+        examples,
+        steps,
+        device,
+        model_cfg,
+        tuned=False,
+        bf16=False,
+        loader=loader2,
+        constant_lr=True,
+        out=out,
+        lora=NO_DROPOUT,
+    ).losses
     print(f"  ours    : {' '.join(f'{x:.4f}' for x in ours)}")
     print(f"  Trainer : {' '.join(f'{x:.4f}' for x in theirs)}")
     return max(abs(a - b) for a, b in zip(ours, theirs, strict=False))
@@ -451,32 +537,50 @@ def default_sweep_overhead(results: Path, n_trials: int | None) -> tuple[float, 
         step_s, train_s = result["step_seconds"], result["train_seconds"]
         rows.append((wall, step_s))
         spans.append((t.datetime_start, t.datetime_complete))
-        lines.append(f"  trial {t.number:2d} {t.state.name:8s}: {result['steps_completed']:2d} steps, "
-                     f"wall {wall:5.2f} s, optimizer steps {step_s:5.2f} s, "
-                     f"loop extras (hook, reports, logging) {train_s - step_s:5.3f} s, "
-                     f"self-check {result['self_check'].get('seconds', '-')} s, overhead {1 - step_s / wall:.3f}")
+        lines.append(
+            f"  trial {t.number:2d} {t.state.name:8s}: {result['steps_completed']:2d} steps, "
+            f"wall {wall:5.2f} s, optimizer steps {step_s:5.2f} s, "
+            f"loop extras (hook, reports, logging) {train_s - step_s:5.3f} s, "
+            f"self-check {result['self_check'].get('seconds', '-')} s, overhead {1 - step_s / wall:.3f}"
+        )
     total_wall, total_step = sum(w for w, _ in rows), sum(st for _, st in rows)
     later = rows[1:]
     span = (max(end for _, end in spans) - min(begin for begin, _ in spans)).total_seconds()  # workers overlap
-    lines.append(f"  process wall {process_wall:.1f} s for {len(rows)} trials, {span:.1f} s from the first ask "
-                 f"to the last tell ({process_wall - span:.1f} s before and after: imports, worker start, study, "
-                 f"summary); overhead on trials 2..N alone: "
-                 f"{1 - sum(st for _, st in later) / max(sum(w for w, _ in later), 1e-9):.3f}")
+    lines.append(
+        f"  process wall {process_wall:.1f} s for {len(rows)} trials, {span:.1f} s from the first ask "
+        f"to the last tell ({process_wall - span:.1f} s before and after: imports, worker start, study, "
+        f"summary); overhead on trials 2..N alone: "
+        f"{1 - sum(st for _, st in later) / max(sum(w for w, _ in later), 1e-9):.3f}"
+    )
     return 1 - total_step / total_wall, lines
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--steps", type=int, default=22,
-                        help="optimizer steps per variant and round (22 x 8 = one epoch)")
+    parser.add_argument(
+        "--steps", type=int, default=22, help="optimizer steps per variant and round (22 x 8 = one epoch)"
+    )
     parser.add_argument("--rounds", type=int, default=3, help="interleaved rounds (medians reported)")
-    parser.add_argument("--sweep-trials", type=int, default=None,
-                        help="trials of the default sweep for the overhead (default: the sweep's own n_trials, 20)")
-    parser.add_argument("--max-text-tokens", type=int, default=400,
-                        help="keep the records of at most this many tokens (512 = all, truncated at 512)")
+    parser.add_argument(
+        "--sweep-trials",
+        type=int,
+        default=None,
+        help="trials of the default sweep for the overhead (default: the sweep's own n_trials, 20)",
+    )
+    parser.add_argument(
+        "--max-text-tokens",
+        type=int,
+        default=400,
+        help="keep the records of at most this many tokens (512 = all, truncated at 512)",
+    )
     add_data_argument(parser)
-    parser.add_argument("--head-dim", type=int, default=64, choices=(32, 64, 128),
-                        help="attention head size of the 8M model (hidden 256 = heads x head-dim)")
+    parser.add_argument(
+        "--head-dim",
+        type=int,
+        default=64,
+        choices=(32, 64, 128),
+        help="attention head size of the 8M model (hidden 256 = heads x head-dim)",
+    )
     parser.add_argument("--quick", action="store_true", help="a smoke run: 6 steps, 1 round, 4 trials")
     args = parser.parse_args()
     if args.quick:
@@ -502,8 +606,9 @@ def main() -> None:
     all_records, data_source = benchmark_records(args.data, tokenizer, tmp)
     print(f"data: {data_source}")
     full = data_lib.tokenize_records(all_records, tokenizer, template="plain", max_length=10**6, mask_prompt=False)
-    records = [r for r, e in zip(all_records, full, strict=True)
-               if MIN_TEXT_TOKENS <= len(e.input_ids) <= args.max_text_tokens]
+    records = [
+        r for r, e in zip(all_records, full, strict=True) if MIN_TEXT_TOKENS <= len(e.input_ids) <= args.max_text_tokens
+    ]
     if len(records) < 2 * BATCH:
         raise SystemExit(f"only {len(records)} records have {MIN_TEXT_TOKENS}-{args.max_text_tokens} tokens")
     data_path = tmp / "benchmark_data_selected.json"  # what `ours` reads through data.path, like a user's file
@@ -517,16 +622,22 @@ def main() -> None:
     precision = resolve_precision("auto", device, base)
     del base
 
-    print(f"machine: {torch.get_num_threads()} torch threads, {os.cpu_count()} cpus, device {device}, "
-          f"torch {torch.__version__}, bf16 native={torch.ops.mkldnn._is_mkldnn_bf16_supported()}")
+    print(
+        f"machine: {torch.get_num_threads()} torch threads, {os.cpu_count()} cpus, device {device}, "
+        f"torch {torch.__version__}, bf16 native={torch.ops.mkldnn._is_mkldnn_bf16_supported()}"
+    )
     heads = f"{model_cfg.num_attention_heads}q/{model_cfg.num_key_value_heads}kv"
-    print(f"model: random-init Llama (GQA {heads} of head_dim "
-          f"{args.head_dim}, 10 layers, hidden 256) {n_params / 1e6:.2f}M params; "
-          f"LoRA r={LORA.r} on q_proj,v_proj; precision auto -> {precision}")
-    print(f"data: {len(examples)} of {len(all_records)} records ({MIN_TEXT_TOKENS}-{args.max_text_tokens} "
-          f"tokens), plain template, max_length {MAX_LENGTH}: "
-          f"{min(lengths)}-{max(lengths)} tokens, median {statistics.median(lengths):.0f}; "
-          f"batch {BATCH}, {args.steps} steps x {args.rounds} interleaved rounds, seed {SEED}")
+    print(
+        f"model: random-init Llama (GQA {heads} of head_dim "
+        f"{args.head_dim}, 10 layers, hidden 256) {n_params / 1e6:.2f}M params; "
+        f"LoRA r={LORA.r} on q_proj,v_proj; precision auto -> {precision}"
+    )
+    print(
+        f"data: {len(examples)} of {len(all_records)} records ({MIN_TEXT_TOKENS}-{args.max_text_tokens} "
+        f"tokens), plain template, max_length {MAX_LENGTH}: "
+        f"{min(lengths)}-{max(lengths)} tokens, median {statistics.median(lengths):.0f}; "
+        f"batch {BATCH}, {args.steps} steps x {args.rounds} interleaved rounds, seed {SEED}"
+    )
 
     t = 2048  # ~ tokens of one batch
     shapes = [(t, 256, 688), (t, 256, 256), (t, 256, model_cfg.vocab_size), (1024, 1024, 1024)]
@@ -537,11 +648,13 @@ def main() -> None:
         ceilings["bf16"].append(matmul_ceiling(shapes, torch.bfloat16, device))
 
     # our FLOPs: the same batches the trial draws (seeded, length-grouped)
-    ours_loader = data_lib.make_dataloader(data_lib.SanityDataset(examples), collator, batch_size=BATCH, seed=SEED,
-                                           group_by_length=True)
+    ours_loader = data_lib.make_dataloader(
+        data_lib.SanityDataset(examples), collator, batch_size=BATCH, seed=SEED, group_by_length=True
+    )
     ours_batches = data_lib.infinite_batches(ours_loader)
-    ours_flops = sum(flops_per_batch(next(ours_batches)["attention_mask"].sum(dim=1).tolist(), model_cfg)
-                     for _ in range(args.steps))
+    ours_flops = sum(
+        flops_per_batch(next(ours_batches)["attention_mask"].sum(dim=1).tolist(), model_cfg) for _ in range(args.steps)
+    )
 
     results = tmp / "results"
     runs: dict[str, list[Run]] = {k: [] for k in ("ours", "ours_fp32", "naive", "trainer", "trainer_tuned")}
@@ -555,26 +668,47 @@ def main() -> None:
         run.flops = ours_flops
         runs["ours"].append(run)
         if bf16:
-            run = run_ours(comp, model_dir, data_path, args.steps, results, f"ours_fp32_{rnd}",
-                           "train.precision=fp32", cache=cache)
+            run = run_ours(
+                comp, model_dir, data_path, args.steps, results, f"ours_fp32_{rnd}", "train.precision=fp32", cache=cache
+            )
             run.flops = ours_flops
             runs["ours_fp32"].append(run)
         runs["naive"].append(run_naive(model_dir, texts, args.steps, device, model_cfg))
-        runs["trainer"].append(run_trainer("trainer", model_dir, examples, args.steps, device, model_cfg, tuned=False,
-                                           bf16=False, out=tmp / "hf"))
-        runs["trainer_tuned"].append(run_trainer("trainer_tuned", model_dir, examples, args.steps, device, model_cfg,
-                                                 tuned=True, bf16=bf16, out=tmp / "hf"))
+        runs["trainer"].append(
+            run_trainer(
+                "trainer", model_dir, examples, args.steps, device, model_cfg, tuned=False, bf16=False, out=tmp / "hf"
+            )
+        )
+        runs["trainer_tuned"].append(
+            run_trainer(
+                "trainer_tuned",
+                model_dir,
+                examples,
+                args.steps,
+                device,
+                model_cfg,
+                tuned=True,
+                bf16=bf16,
+                out=tmp / "hf",
+            )
+        )
         print(f"round {rnd + 1}: " + ", ".join(f"{k} {v[-1].tps:.0f}" for k, v in runs.items() if v) + " real tok/s")
 
     med = {k: statistics.median(r.tps for r in v) for k, v in runs.items() if v}
     ceiling = {k: statistics.median(v) for k, v in ceilings.items()}
-    print(f"matmul ceiling (best of model-shaped and 1024^3 shapes, median of rounds): fp32 {ceiling['fp32']:.0f} "
-          f"GFLOP/s, bf16 {ceiling['bf16']:.0f} GFLOP/s (per round: fp32 "
-          + ", ".join(f"{x:.0f}" for x in ceilings["fp32"]) + "; bf16 "
-          + ", ".join(f"{x:.0f}" for x in ceilings["bf16"]) + ")")
+    print(
+        f"matmul ceiling (best of model-shaped and 1024^3 shapes, median of rounds): fp32 {ceiling['fp32']:.0f} "
+        f"GFLOP/s, bf16 {ceiling['bf16']:.0f} GFLOP/s (per round: fp32 "
+        + ", ".join(f"{x:.0f}" for x in ceilings["fp32"])
+        + "; bf16 "
+        + ", ".join(f"{x:.0f}" for x in ceilings["bf16"])
+        + ")"
+    )
     print()
-    print(f"{'variant':<15} {'prec':<5} {'real tok/s':>10} {'x naive':>8} {'GFLOP/s':>8} {'MFU':>6} "
-          f"{'peak MB':>8} {'loss 1st':>9} {'loss last5':>10}")
+    print(
+        f"{'variant':<15} {'prec':<5} {'real tok/s':>10} {'x naive':>8} {'GFLOP/s':>8} {'MFU':>6} "
+        f"{'peak MB':>8} {'loss 1st':>9} {'loss last5':>10}"
+    )
     for name, rs in runs.items():
         if not rs:
             continue
@@ -582,16 +716,20 @@ def main() -> None:
         gflops = statistics.median(x.flops / x.seconds for x in rs) / 1e9
         mfu = gflops / ceiling[r.precision]
         last5 = statistics.mean(r.losses[-5:])
-        print(f"{name:<15} {r.precision:<5} {med[name]:>10.0f} {med[name] / med['naive']:>8.2f} {gflops:>8.1f} "
-              f"{mfu:>6.1%} {statistics.median(x.peak_mb for x in rs):>8.0f} {r.losses[0]:>9.4f} {last5:>10.4f}")
+        print(
+            f"{name:<15} {r.precision:<5} {med[name]:>10.0f} {med[name] / med['naive']:>8.2f} {gflops:>8.1f} "
+            f"{mfu:>6.1%} {statistics.median(x.peak_mb for x in rs):>8.0f} {r.losses[0]:>9.4f} {last5:>10.4f}"
+        )
     print("(naive's loss includes pad positions: labels = input_ids.clone(); the others' are real-token losses)")
 
     print("\nloss agreement, our loop vs Trainer on identical batches (fp32, constant lr, same LoRA init):")
     diff = loss_agreement(model_dir, examples, collator, min(args.steps, 8), device, model_cfg, tmp / "hf")
     print(f"  max |loss difference| = {diff:.2e} -> {'AGREE' if diff < 1e-3 else 'DISAGREE'}")
     first = {k: v[0].losses[0] for k, v in runs.items() if v and k != "naive"}
-    print("  first-step losses (same init, different first batches): "
-          + ", ".join(f"{k} {x:.4f}" for k, x in first.items()))
+    print(
+        "  first-step losses (same init, different first batches): "
+        + ", ".join(f"{k} {x:.4f}" for k, x in first.items())
+    )
 
     print("\nthe default sweep, `python -m lora_sweep -m` in a fresh process (embedded 976K model, 60 steps):")
     overhead, lines = default_sweep_overhead(tmp / "sweep", args.sweep_trials)
@@ -601,8 +739,10 @@ def main() -> None:
     ours_run = runs["ours"]
     mfu = statistics.median(x.flops / x.seconds for x in ours_run) / 1e9 / ceiling[ours_run[0].precision]
     ctx.__exit__(None, None, None)
-    print(f"\nvs_trainer={med['ours'] / med['trainer']:.2f} vs_trainer_tuned={med['ours'] / med['trainer_tuned']:.2f} "
-          f"vs_naive={med['ours'] / med['naive']:.2f} mfu={mfu:.3f} overhead={overhead:.3f}")
+    print(
+        f"\nvs_trainer={med['ours'] / med['trainer']:.2f} vs_trainer_tuned={med['ours'] / med['trainer_tuned']:.2f} "
+        f"vs_naive={med['ours'] / med['naive']:.2f} mfu={mfu:.3f} overhead={overhead:.3f}"
+    )
 
 
 if __name__ == "__main__":

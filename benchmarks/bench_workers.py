@@ -70,8 +70,14 @@ def run_sweep(n_jobs: int, extra: list[str]) -> dict[str, float]:
         best = float(study.best_value)
     except ValueError:
         best = float("nan")
-    return {"wall": wall, "finished": finished, "steps": steps, "best": best,
-            "trials_h": finished / wall * 3600, "steps_h": steps / wall * 3600}
+    return {
+        "wall": wall,
+        "finished": finished,
+        "steps": steps,
+        "best": best,
+        "trials_h": finished / wall * 3600,
+        "steps_h": steps / wall * 3600,
+    }
 
 
 def main() -> None:
@@ -91,18 +97,25 @@ def main() -> None:
         for n_jobs in order:
             r = run_sweep(n_jobs, args.extra)
             runs[n_jobs].append(r)
-            print(f"round {rnd + 1}: {settings[n_jobs]:<22} wall {r['wall']:6.1f} s, {r['finished']:.0f} trials, "
-                  f"{r['steps']:.0f} optimizer steps, best {r['best']:.4f}, {r['trials_h']:.0f} trials/h, "
-                  f"{r['steps_h']:.0f} steps/h", flush=True)
+            print(
+                f"round {rnd + 1}: {settings[n_jobs]:<22} wall {r['wall']:6.1f} s, {r['finished']:.0f} trials, "
+                f"{r['steps']:.0f} optimizer steps, best {r['best']:.4f}, {r['trials_h']:.0f} trials/h, "
+                f"{r['steps_h']:.0f} steps/h",
+                flush=True,
+            )
     med = {n: {k: statistics.median(r[k] for r in rs) for k in rs[0]} for n, rs in runs.items()}
     one, many = med[1], med[args.workers]
     print()
     for n, m in med.items():
-        print(f"{settings[n]:<22} median wall {m['wall']:6.1f} s, {m['trials_h']:6.0f} trials/h, "
-              f"{m['steps_h']:7.0f} steps/h")
+        print(
+            f"{settings[n]:<22} median wall {m['wall']:6.1f} s, {m['trials_h']:6.0f} trials/h, "
+            f"{m['steps_h']:7.0f} steps/h"
+        )
     print(f"steps/hour ratio: {many['steps_h'] / one['steps_h']:.2f}")
-    print(f"\nworkers_speedup={many['trials_h'] / one['trials_h']:.2f} trials_per_hour_1w={one['trials_h']:.0f} "
-          f"trials_per_hour_nw={many['trials_h']:.0f}")
+    print(
+        f"\nworkers_speedup={many['trials_h'] / one['trials_h']:.2f} trials_per_hour_1w={one['trials_h']:.0f} "
+        f"trials_per_hour_nw={many['trials_h']:.0f}"
+    )
 
 
 if __name__ == "__main__":

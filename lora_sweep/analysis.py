@@ -506,10 +506,7 @@ def pareto_front(
     ys = pool[y].astype("float64").to_numpy() * sy
     finite = np.isfinite(xs) & np.isfinite(ys)
     pool, xs, ys = pool[finite], xs[finite], ys[finite]
-    keep = [
-        not np.any((xs <= xs[i]) & (ys <= ys[i]) & ((xs < xs[i]) | (ys < ys[i])))
-        for i in range(len(pool))
-    ]
+    keep = [not np.any((xs <= xs[i]) & (ys <= ys[i]) & ((xs < xs[i]) | (ys < ys[i]))) for i in range(len(pool))]
     front = pool[np.asarray(keep, dtype=bool)]
     return front.sort_values(x, ascending=sx > 0, kind="stable").reset_index(drop=True)
 
@@ -604,8 +601,7 @@ def param_importances(
     varied = [p for p in names if len({repr(t.params.get(p)) for t in usable if p in t.params}) > 1]
     if not varied:
         raise NotEnoughTrialsError(
-            f"no parameter took two different values over the {len(usable)} usable trials; "
-            "importances are undefined"
+            f"no parameter took two different values over the {len(usable)} usable trials; importances are undefined"
         )
     verbosity = optuna.logging.get_verbosity()
     optuna.logging.set_verbosity(optuna.logging.WARNING)  # no "new study created" line
@@ -626,4 +622,3 @@ def _finite(value: Any) -> float | None:
     except (TypeError, ValueError):
         return None
     return number if math.isfinite(number) else None
-

@@ -14,7 +14,7 @@ from __future__ import annotations
 import gc
 import logging
 from collections import OrderedDict
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -23,6 +23,7 @@ from torch import nn
 
 from lora_sweep import data as data_lib
 from lora_sweep.config import DataConfig, ModelConfig
+from lora_sweep.evaluate import EvalResult
 from lora_sweep.model import load_model, load_tokenizer
 
 if TYPE_CHECKING:
@@ -32,15 +33,19 @@ log = logging.getLogger(__name__)
 
 MAX_MODELS = 1  # a sweep fine-tunes one base model; keep one copy of its weights
 MAX_DATASETS = 8  # tokenized datasets (a sweep varies max_length over a few values)
+MAX_FILES = 2  # data files: the training file and a separate validation file
 
 
 @dataclass
 class CachedModel:
-    """A patched base model without an adapter, and the model-level self-checks it passed."""
+    """A patched base model without an adapter, the model-level self-checks it passed, and its
+    held-out losses by (validation set, precision): every trial of a sweep starts from this
+    model, so the base evaluation is measured once."""
 
     model: nn.Module
     checked: dict[str, str] | None = None
     in_use: bool = False
+    base_evals: dict[tuple, EvalResult] = field(default_factory=dict)
 
 
 def fingerprint(path: Path) -> tuple:
@@ -71,7 +76,8 @@ class TrialCache:
         data_lib.check_data_file(path)  # before fingerprint() stats it
         key = fingerprint(path)
         if key not in self._records:
-            self._records.clear()
+            while len(self._records) >= MAX_FILES:
+                self._records.pop(next(iter(self._records)))
             self._records[key] = data_lib.load_records(path)
         return key, self._records[key]
 
@@ -84,15 +90,24 @@ class TrialCache:
         return self._tokenizers[key], key
 
     def examples(
-        self, records_key: tuple, records: list[dict[str, str]], tokenizer: Any, tokenizer_key: tuple, cfg: DataConfig
+        self,
+        records_key: tuple,
+        records: list[dict[str, str]],
+        tokenizer: Any,
+        tokenizer_key: tuple,
+        cfg: DataConfig,
+        *,
+        max_length: int | None = None,
     ) -> list[data_lib.Example]:
-        """The records tokenized for `cfg` (template, max_length, mask_prompt)."""
-        key = (records_key, tokenizer_key, cfg.template, cfg.max_length, cfg.mask_prompt)
+        """The records tokenized for `cfg` (template, mask_prompt, and `max_length`, by default
+        `cfg.max_length`)."""
+        max_length = cfg.max_length if max_length is None else max_length
+        key = (records_key, tokenizer_key, cfg.template, max_length, cfg.mask_prompt)
         if key in self._examples:
             self._examples.move_to_end(key)
             return self._examples[key]
         examples = data_lib.tokenize_records(
-            records, tokenizer, template=cfg.template, max_length=cfg.max_length, mask_prompt=cfg.mask_prompt
+            records, tokenizer, template=cfg.template, max_length=max_length, mask_prompt=cfg.mask_prompt
         )
         self._examples[key] = examples
         while len(self._examples) > self.max_datasets:

@@ -13,7 +13,7 @@ from __future__ import annotations
 import logging
 import sys
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import hydra
 from omegaconf import DictConfig, OmegaConf
@@ -45,8 +45,14 @@ def _split_argv(argv: list[str]) -> tuple[list[str], dict[str, str], bool] | Non
     overrides: list[str] = []
     where: dict[str, str] = {}
     multirun = False
-    flags = {"-cp": "config_path", "--config-path": "config_path", "-cn": "config_name",
-             "--config-name": "config_name", "-cd": "config_dir", "--config-dir": "config_dir"}
+    flags = {
+        "-cp": "config_path",
+        "--config-path": "config_path",
+        "-cn": "config_name",
+        "--config-name": "config_name",
+        "-cd": "config_dir",
+        "--config-dir": "config_dir",
+    }
     args = iter(argv)
     for arg in args:
         key, _, value = arg.partition("=")
@@ -82,7 +88,8 @@ def preflight(argv: list[str], *, cache: TrialCache | None = None) -> None:
         raise ConfigError(f"bad override: {error_line(err)}") from err
     # sweep expressions (choice, range, ...) are the sweeper's to check; compose the rest, the
     # hydra.* ones too (e.g. hydra/sweeper/sampler=foo is refused here in one line)
-    fixed = [o.input_line for o in parsed if not (multirun and o.is_sweep_override())]
+    # input_line is set on every override parsed from a line
+    fixed = [cast(str, o.input_line) for o in parsed if not (multirun and o.is_sweep_override())]
     conf_dir = Path(where.get("config_path", config_dir())).absolute()
     if not conf_dir.is_dir():
         return  # a user config dir given relative to a script; Hydra reports it
@@ -90,8 +97,8 @@ def preflight(argv: list[str], *, cache: TrialCache | None = None) -> None:
     try:
         with initialize_config_dir(config_dir=str(conf_dir), version_base="1.3"):
             cfg = compose(config_name=where.get("config_name", "config"), overrides=fixed, return_hydra_config=True)
-            cfg = OmegaConf.masked_copy(cfg, [key for key in cfg if key != "hydra"])
-            container = OmegaConf.to_container(cfg, resolve=True)
+            cfg = OmegaConf.masked_copy(cfg, [str(key) for key in cfg if key != "hydra"])
+            container = cast("dict[str, Any]", OmegaConf.to_container(cfg, resolve=True))  # a DictConfig
     except ConfigError:
         raise
     except Exception as err:  # noqa: BLE001 - Hydra/OmegaConf composition errors

@@ -16,7 +16,7 @@ import typing
 from collections.abc import Mapping
 from dataclasses import MISSING, dataclass, field, fields
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 from lora_sweep.errors import ConfigError
 
@@ -26,10 +26,11 @@ TEMPLATES = ("alpaca", "plain")
 PADDINGS = ("longest", "max_length")
 LR_SCHEDULERS = ("cosine", "linear", "constant")
 PRECISIONS = ("auto", "fp32", "bf16")
+PRUNE_ON = ("eval", "objective")
 MIN_MAX_LENGTH = 8
 
 
-def _fail(key: str, expected: str, value: Any, example: str) -> None:
+def _fail(key: str, expected: str, value: Any, example: str) -> NoReturn:
     raise ConfigError(f"{key} must be {expected}, got {value!r} (for example: {key}={example})")
 
 
@@ -102,6 +103,17 @@ class DataConfig:
     mask_prompt: bool = documented("train on the response only, prompt labels masked (true/false)", default=False)
     padding: str = documented("batch padding: longest (each batch to its longest) or max_length", default="longest")
     group_by_length: bool = documented("batches of similar lengths (true/false)", default=False)
+    val_size: float = documented(
+        "held-out records: a fraction (< 1, at least 4 records) or a count (>= 1); ignored with val_path",
+        default=0.1,
+    )
+    val_path: str | None = documented("validation data file (empty: split val_size off data.path)", default=None)
+    val_seed: int = documented("seed of the validation split (independent of train.seed)", default=0)
+    eval_max_length: int | None = documented(
+        "tokens per held-out sequence, fixed for the whole sweep whatever data.max_length a trial "
+        "trains with (empty: the model's context, at most 2048)",
+        default=None,
+    )
 
     def __post_init__(self) -> None:
         _check_optional_path("data.path", self.path)
@@ -110,6 +122,14 @@ class DataConfig:
         _check_bool("data.mask_prompt", self.mask_prompt)
         _check_choice("data.padding", self.padding, PADDINGS)
         _check_bool("data.group_by_length", self.group_by_length)
+        _check_float("data.val_size", self.val_size, low=0.0, low_open=True, example="0.1")
+        if self.val_size >= 1 and not float(self.val_size).is_integer():
+            _fail("data.val_size", "a fraction below 1 or a whole number of records", self.val_size, "0.1")
+        if self.val_path is not None:
+            _check_optional_path("data.val_path", self.val_path)
+        _check_int("data.val_seed", self.val_seed, 0, "0")
+        if self.eval_max_length is not None:
+            _check_int("data.eval_max_length", self.eval_max_length, MIN_MAX_LENGTH, "512")
 
 
 @dataclass(frozen=True)
@@ -161,7 +181,16 @@ class TrainConfig:
     lr_scheduler: str = documented("learning-rate schedule after warm-up", default="cosine")
     weight_decay: float = documented("AdamW weight decay", default=0.0)
     max_grad_norm: float = documented("gradient clipping threshold on the total norm", default=1.0)
-    min_improvement: float = documented("improvement a run needs to count as learned", default=0.05)
+    min_improvement: float = documented(
+        "held-out improvement a run needs to count as learned: eval_loss <= (1 - this) * eval_loss_base", default=0.05
+    )
+    eval_every: int = documented(
+        "optimizer steps between held-out evaluations (also at step 0 and the end)", default=20
+    )
+    prune_on: str = documented(
+        "what a sweep's pruner compares: eval (held-out improvement at eval steps) or objective (every report)",
+        default="eval",
+    )
     device: str = documented("device asked for: auto, cpu, cuda or cuda:N (device: the one used)", default="auto")
     log_every: int = documented("optimizer steps between log lines", default=10)
     precision: str = documented("precision asked for: auto, fp32 or bf16 (precision: the one used)", default="auto")
@@ -185,6 +214,8 @@ class TrainConfig:
         if not (device in ("auto", "cpu", "cuda") or (isinstance(device, str) and device.startswith("cuda:"))):
             _fail("train.device", "auto, cpu, cuda or cuda:N", device, "auto")
         _check_int("train.log_every", self.log_every, 1, "10")
+        _check_int("train.eval_every", self.eval_every, 1, "20")
+        _check_choice("train.prune_on", self.prune_on, PRUNE_ON)
         _check_choice("train.precision", self.precision, PRECISIONS)
 
 
@@ -264,9 +295,7 @@ def _section(cfg: Mapping[str, Any], name: str, schema: type) -> dict[str, Any]:
     known = {f.name for f in fields(schema)}
     unknown = sorted(set(section) - known)
     if unknown:
-        raise ConfigError(
-            f"unknown key {name}.{unknown[0]}; valid keys of '{name}': {', '.join(sorted(known))}"
-        )
+        raise ConfigError(f"unknown key {name}.{unknown[0]}; valid keys of '{name}': {', '.join(sorted(known))}")
     required = {f.name for f in fields(schema) if f.default is MISSING}
     missing = sorted(k for k in required if k not in section)
     if missing:

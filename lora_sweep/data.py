@@ -155,7 +155,9 @@ def tokenize_records(
     truncation (prompt longer than max_length with mask_prompt) are dropped with a warning.
     """
     if tokenizer.eos_token_id is None:
-        raise DataError("the tokenizer has no EOS token; set tokenizer.eos_token in the checkpoint's tokenizer_config.json")
+        raise DataError(
+            "the tokenizer has no EOS token; set tokenizer.eos_token in the checkpoint's tokenizer_config.json"
+        )
     bos = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
     examples, dropped = [], 0
     for record in records:
@@ -169,7 +171,9 @@ def tokenize_records(
             continue
         examples.append(Example(input_ids=tuple(input_ids), labels=tuple(labels)))
     if dropped:
-        log.warning("dropped %d of %d records whose response lies beyond data.max_length=%d", dropped, len(records), max_length)
+        log.warning(
+            "dropped %d of %d records whose response lies beyond data.max_length=%d", dropped, len(records), max_length
+        )
     if not examples:
         raise DataError(
             f"no record has a response within data.max_length={max_length} tokens; raise data.max_length "

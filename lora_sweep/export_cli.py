@@ -15,11 +15,15 @@ def build_parser() -> argparse.ArgumentParser:
         description="Rebuild the results CSV of a sweep from its Optuna study (trial user attrs).",
     )
     parser.add_argument("--results-dir", default="results", help="the sweep's results_dir (default: results)")
-    parser.add_argument("--storage", default=None,
-                        help="Optuna storage URL or journal path (default: <results-dir>/optuna_journal.log)")
+    parser.add_argument(
+        "--storage", default=None, help="Optuna storage URL or journal path (default: <results-dir>/optuna_journal.log)"
+    )
     parser.add_argument("--study-name", default="lora_sweep", help="study to export (default: lora_sweep)")
-    parser.add_argument("--out", default=None,
-                        help=f"CSV to write, replaced atomically (default: <results-dir>/sweeps/<study>/{RESULTS_FILENAME})")
+    parser.add_argument(
+        "--out",
+        default=None,
+        help=f"CSV to write, replaced atomically (default: <results-dir>/sweeps/<study>/{RESULTS_FILENAME})",
+    )
     return parser
 
 

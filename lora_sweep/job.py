@@ -1,10 +1,11 @@
 """The Hydra job: validate the composed config, run one trial, append its CSV row.
 
 Single run: bad input prints one line and exits 2 with nothing written; a failed trial
-writes its row and exits 1. Under a sweep the job never exits the process: it reports the
-objective computed on the steps so far as the trial's intermediate value after every step
-(so the pruner reads it in the study's own direction), stops when the pruner says so, and
-returns the trial's row as a mapping (status, metrics, constraint) for the sweeper to record.
+writes its row and exits 1. Under a sweep the job never exits the process: it reports an
+intermediate value to its trial (the held-out improvement at each evaluation, or with
+`train.prune_on=objective` the objective so far every `report_every` steps; see
+`_pruning_hook`), stops when the pruner says so, and returns the trial's row as a mapping
+(status, metrics, constraint) for the sweeper to record.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ import logging
 import shutil
 import sys
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
@@ -22,13 +23,13 @@ from omegaconf import DictConfig, OmegaConf
 from lora_sweep.cache import TrialCache
 from lora_sweep.config import RunConfig
 from lora_sweep.errors import EXIT_BAD_INPUT, EXIT_FAILED, INPUT_ERRORS, error_message
-from lora_sweep.metrics import compute_metrics
+from lora_sweep.metrics import compute_metrics, eval_summary
 from lora_sweep.results import PAYLOAD_CSV_KEY, append_row, results_csv_path
 from lora_sweep.sweep.context import TrialReporter, current_trial_context
 from lora_sweep.sweep.faults import crash_point
 from lora_sweep.sweep.objective import STATE_OF_STATUS
-from lora_sweep.train import StepHook, StepRecord
-from lora_sweep.trial import run_trial
+from lora_sweep.train import EvalPoint, StepHook, StepRecord
+from lora_sweep.trial import EVAL_METRICS, run_trial
 
 log = logging.getLogger("lora_sweep")
 
@@ -54,10 +55,11 @@ def run_job(cfg: DictConfig, *, cache: TrialCache) -> dict[str, Any]:
     if context is not None:
         sweep_fields = {"study_name": context.study_name, "trial_number": context.trial_number}
     try:
-        run_cfg = RunConfig.from_mapping(OmegaConf.to_container(cfg, resolve=True))
+        run_cfg = RunConfig.from_mapping(cast("dict[str, Any]", OmegaConf.to_container(cfg, resolve=True)))
         on_step = _pruning_hook(reporter, run_cfg) if reporter is not None else None
-        result = run_trial(run_cfg, run_dir, cache=cache, on_step=on_step,
-                           config_yaml=OmegaConf.to_yaml(cfg, resolve=True))
+        result = run_trial(
+            run_cfg, run_dir, cache=cache, on_step=on_step, config_yaml=OmegaConf.to_yaml(cfg, resolve=True)
+        )
     except INPUT_ERRORS as err:
         if multirun:
             raise  # the sweeper records the trial FAIL with this reason
@@ -77,8 +79,13 @@ def run_job(cfg: DictConfig, *, cache: TrialCache) -> dict[str, Any]:
     metrics = result.metrics
     log.info(
         "%s: stability_index=%s quality=%s final_loss=%s in %.1f s (%.0f real tokens/s); row appended to %s",
-        result.status, _fmt(metrics.get("stability_index")), _fmt(metrics.get("quality")),
-        _fmt(metrics.get("final_loss")), result.duration_s, result.tokens_per_s, csv_path,
+        result.status,
+        _fmt(metrics.get("stability_index")),
+        _fmt(metrics.get("quality")),
+        _fmt(metrics.get("final_loss")),
+        result.duration_s,
+        result.tokens_per_s,
+        csv_path,
     )
     if result.status != "success":
         log.warning("%s: %s", result.status, result.reason)
@@ -88,28 +95,50 @@ def run_job(cfg: DictConfig, *, cache: TrialCache) -> dict[str, Any]:
 
 
 def _pruning_hook(reporter: TrialReporter, run_cfg: RunConfig) -> StepHook:
-    """Report the objective of the run so far after every step; stop when the pruner says so.
+    """Report an intermediate value to the trial; stop when the pruner says so.
 
-    The intermediate value is the trial's own objective computed on the prefix of the run,
-    so it points in the study's direction (no sign flips between loss and stability).
+    `train.prune_on=eval` (the default): at each held-out evaluation, the held-out improvement
+    1 - eval_loss / eval_loss_base in a study that maximizes, the held-out loss in one that
+    minimizes. A fast learner whose first steps are rough is then judged by what it learned,
+    not by how smooth its start was. `objective`: every `hydra.sweeper.report_every` steps, the
+    trial's own objective computed on the steps so far. Either way the value points in the
+    study's direction, so the pruner reads "better" the right way.
     """
     names = reporter.context.objective_names
     objective = names[0] if names else "stability_index"
+    maximize = reporter.direction == "maximize"
     every, last = reporter.context.report_every, run_cfg.train.max_steps
 
-    def hook(history: list[StepRecord]) -> bool:
-        if history[-1].step % every and history[-1].step != last:
-            return False  # reports are storage writes: every `hydra.sweeper.report_every` steps
+    def eval_value(evals: list[EvalPoint]) -> float:
+        loss, base = evals[-1].loss, evals[0].loss
+        return 1.0 - loss / base if maximize else loss
+
+    def objective_so_far(history: list[StepRecord], evals: list[EvalPoint]) -> float:
+        if objective in EVAL_METRICS:  # NaN until the first evaluation after step 0
+            points = [(e.step, e.loss) for e in evals]
+            summary = eval_summary(points, final_loss=history[-1].loss, min_improvement=run_cfg.train.min_improvement)
+            return float(cast(float, summary[objective]))
         metrics = compute_metrics(
-            [s.loss for s in history], [s.grad_norm for s in history],
+            [s.loss for s in history],
+            [s.grad_norm for s in history],
             warmup_steps=run_cfg.train.warmup_steps,  # fewer steps than W: all steps count
             min_improvement=run_cfg.train.min_improvement,
         )
-        value = float(getattr(metrics, objective))
+        return float(getattr(metrics, objective))
+
+    def hook(history: list[StepRecord], evals: list[EvalPoint]) -> bool:
         step = history[-1].step
+        crash_point("step")
+        if run_cfg.train.prune_on == "eval":
+            if len(evals) < 2 or evals[-1].step != step:
+                return False  # held-out losses exist at eval steps only
+            value = eval_value(evals)
+        else:
+            if step % every and step != last:
+                return False  # reports are storage writes: every `hydra.sweeper.report_every` steps
+            value = objective_so_far(history, evals)
         if value == value:  # NaN is never reported; the final result decides such a trial
             reporter.report(value, step)
-        crash_point("step")
         return reporter.should_prune()
 
     return hook

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import logging
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, cast
 
 import torch
 from torch import nn
@@ -36,9 +36,15 @@ def apply_lora(model: nn.Module, settings: LoraSettings) -> PeftModel:
     if next(peft_model.parameters()).device.type == "cpu":
         use_fast_dropout(peft_model)  # the CPU's per-element Bernoulli draws are slow
     trainable, total = count_parameters(peft_model)
-    log.info("LoRA r=%d alpha=%g on %s: %d trainable of %d parameters (%.3f%%)",
-             settings.r, settings.alpha, ",".join(adapted_modules(peft_model)), trainable, total,
-             100.0 * trainable / total)
+    log.info(
+        "LoRA r=%d alpha=%g on %s: %d trainable of %d parameters (%.3f%%)",
+        settings.r,
+        settings.alpha,
+        ",".join(adapted_modules(peft_model)),
+        trainable,
+        total,
+        100.0 * trainable / total,
+    )
     return peft_model
 
 
@@ -98,16 +104,18 @@ def targeted_layers(model: nn.Module, settings: LoraSettings) -> dict[str, tuple
         except ValueError as err:
             raise _no_match(model, settings) from err
     try:
-        return {name: (layer.in_features, layer.out_features) for name, layer in model.named_modules()
-                if isinstance(layer, LoraLayer) and layer.in_features and layer.out_features}
+        return {
+            name: (layer.in_features, layer.out_features)
+            for name, layer in model.named_modules()
+            if isinstance(layer, LoraLayer) and layer.in_features and layer.out_features
+        }
     finally:
         probe.unload()
 
 
 def adaptable_module_names(model: nn.Module) -> list[str]:
     """Names (last component, sorted) of the model's linear and Conv1D layers."""
-    return sorted({name.rsplit(".", 1)[-1] for name, module in model.named_modules()
-                   if name and _is_linear(module)})
+    return sorted({name.rsplit(".", 1)[-1] for name, module in model.named_modules() if name and _is_linear(module)})
 
 
 def _is_linear(module: nn.Module) -> bool:
@@ -145,7 +153,7 @@ def _peft_config(settings: LoraSettings, *, r: int) -> LoraConfig:
     targets = settings.target_modules
     return LoraConfig(
         r=r,
-        lora_alpha=settings.alpha,
+        lora_alpha=cast(int, settings.alpha),  # peft annotates int but scales by any float alpha
         lora_dropout=settings.dropout,
         target_modules=list(targets) if isinstance(targets, tuple) else targets,
         use_rslora=settings.use_rslora,

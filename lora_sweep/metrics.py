@@ -55,6 +55,7 @@ __all__ = [
     "TrialMetrics",
     "compute_metrics",
     "drawup_exceed_step",
+    "eval_summary",
     "final_window",
     "grad_volatility",
     "log_clamped",
@@ -114,7 +115,7 @@ class TrialMetrics:
 # non-finite value before calling them. Indices in docstrings are 1-based steps.
 
 
-def log_clamped(values: Sequence[float] | np.ndarray) -> np.ndarray:
+def log_clamped(values: float | Sequence[float] | np.ndarray) -> np.ndarray:
     """ln(max(v, LOG_FLOOR)) elementwise, so a 0 loss or norm stays finite."""
     return np.log(np.maximum(np.asarray(values, dtype=np.float64), LOG_FLOOR))
 
@@ -152,9 +153,7 @@ def max_drawup(losses: Sequence[float] | np.ndarray) -> float:
     return float(_running_drawup(losses).max())
 
 
-def drawup_exceed_step(
-    losses: Sequence[float] | np.ndarray, limit: float = DRAWUP_LIMIT
-) -> int | None:
+def drawup_exceed_step(losses: Sequence[float] | np.ndarray, limit: float = DRAWUP_LIMIT) -> int | None:
     """First 1-based step whose running drawup exceeds ``limit``, else None."""
     if len(losses) == 0:
         return None
@@ -248,16 +247,12 @@ def _first_nonfinite(losses: np.ndarray, grads: np.ndarray) -> tuple[int, str] |
     return None
 
 
-def _gate(
-    losses: np.ndarray, desc: _Descriptive, vocab_size: int | None
-) -> tuple[int, str] | None:
+def _gate(losses: np.ndarray, desc: _Descriptive, vocab_size: int | None) -> tuple[int, str] | None:
     """(step, reason) for the drawup or collapse gate on an all-finite run, if hit."""
     if desc.drawup > DRAWUP_LIMIT:
         step = drawup_exceed_step(losses)
-        return step, (
-            f"loss drawup {desc.drawup:.3f} > ln 3 ({DRAWUP_LIMIT:.3f}); "
-            f"first exceeded at step {step}"
-        )
+        assert step is not None  # the running drawup's max is desc.drawup, so some step exceeds the limit
+        return step, (f"loss drawup {desc.drawup:.3f} > ln 3 ({DRAWUP_LIMIT:.3f}); first exceeded at step {step}")
     if vocab_size is not None:
         uniform = math.log(vocab_size)
         # got worse towards uniform: a high final loss alone also marks a model that began there
@@ -277,17 +272,14 @@ def _improvement(desc: _Descriptive) -> float:
     return 1.0 - desc.final_loss / desc.initial_loss
 
 
-def _validate(
-    losses: np.ndarray, grads: np.ndarray, warmup_steps: int, vocab_size: int | None
-) -> None:
+def _validate(losses: np.ndarray, grads: np.ndarray, warmup_steps: int, vocab_size: int | None) -> None:
     if losses.ndim != 1 or grads.ndim != 1:
         raise ValueError("losses and grad_norms must be one-dimensional sequences")
     if losses.size == 0:
         raise ValueError("compute_metrics needs at least one step; got empty losses")
     if losses.size != grads.size:
         raise ValueError(
-            f"losses and grad_norms differ in length ({losses.size} vs {grads.size}); "
-            "they must have one entry per step"
+            f"losses and grad_norms differ in length ({losses.size} vs {grads.size}); they must have one entry per step"
         )
     if warmup_steps < 0:
         raise ValueError(f"warmup_steps must be >= 0, got {warmup_steps}")
@@ -341,3 +333,42 @@ def compute_metrics(
         divergence_step=None if gate is None else int(gate[0]),
         divergence_reason="" if gate is None else gate[1],
     )
+
+
+def eval_summary(
+    points: Sequence[tuple[int, float]], *, final_loss: float, min_improvement: float, finite_run: bool = True
+) -> dict[str, object]:
+    """Held-out metrics from the evaluations ``(step, loss)`` of a run (step 0 first: the base
+    model), judged the way the sweep ranks trials: a run *learned* when its last held-out loss
+    is at least ``min_improvement`` below the base model's.
+
+    * ``eval_loss`` = the last evaluation's loss (the final step's, unless the run stopped early);
+      ``eval_loss_base`` = step 0's; ``eval_improvement`` = 1 - eval_loss / eval_loss_base;
+    * ``best_eval_loss`` / ``best_eval_step`` = the lowest loss of any evaluation and its step;
+    * ``generalization_gap`` = eval_loss - final_loss (held-out minus training loss at the end);
+    * ``learned`` = eval_improvement >= min_improvement; ``constraint`` = min_improvement -
+      eval_improvement (feasible when <= 0), at least ``NONFINITE_CONSTRAINT`` for a run that
+      hit a non-finite value (``finite_run=False``).
+
+    Every value is NaN (``learned`` False, ``constraint`` infeasible) without a finite base
+    evaluation and at least one later one.
+    """
+    base = points[0][1] if points and points[0][0] == 0 else _NAN
+    later = [(step, loss) for step, loss in points if step > 0]
+    last = later[-1][1] if later else _NAN
+    improvement = 1.0 - last / base if math.isfinite(base) and base > 0 and math.isfinite(last) else _NAN
+    finite = [(step, loss) for step, loss in points if math.isfinite(loss)]
+    best_step, best_loss = min(finite, key=lambda point: point[1]) if finite else (None, _NAN)
+    constraint = min_improvement - improvement if math.isfinite(improvement) else NONFINITE_CONSTRAINT
+    if not finite_run:
+        constraint = max(constraint, NONFINITE_CONSTRAINT)
+    return {
+        "eval_loss": float(last),
+        "eval_loss_base": float(base),
+        "eval_improvement": float(improvement),
+        "best_eval_loss": float(best_loss),
+        "best_eval_step": best_step,
+        "generalization_gap": float(last - final_loss) if math.isfinite(last) else _NAN,
+        "learned": bool(finite_run and math.isfinite(improvement) and improvement >= min_improvement),
+        "constraint": float(constraint),
+    }

@@ -12,7 +12,7 @@ import importlib
 import logging
 import os
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import nn
@@ -112,14 +112,13 @@ def position_limit(config: Any) -> tuple[str, int] | None:
     return None
 
 
-def check_max_length(max_length: int, config: Any) -> None:
-    """Refuse a `data.max_length` beyond the model's position limit."""
+def check_max_length(max_length: int, config: Any, *, key: str = "data.max_length") -> None:
+    """Refuse a sequence length (`key`, by default `data.max_length`) beyond the model's
+    position limit."""
     limit = position_limit(config)
     if limit is not None and max_length > limit[1]:
-        key, value = limit
-        raise ConfigError(
-            f"data.max_length={max_length} exceeds the model's {key}={value}; choose data.max_length <= {value}"
-        )
+        name, value = limit
+        raise ConfigError(f"{key}={max_length} exceeds the model's {name}={value}; choose {key} <= {value}")
 
 
 def load_model(model_dir: Path, cfg: ModelConfig, device: torch.device) -> nn.Module:
@@ -139,7 +138,8 @@ def load_model(model_dir: Path, cfg: ModelConfig, device: torch.device) -> nn.Mo
     except (OSError, ValueError, KeyError) as err:
         raise ModelError(f"cannot load a causal LM from {model_dir}: {_first_line(err)}") from err
     patch_model_forward(model)
-    return model.to(device)
+    # through nn.Module.to: transformers' decorated PreTrainedModel.to is typed as unbound
+    return cast(nn.Module, model).to(device)
 
 
 def resolve_device(name: str) -> torch.device:
@@ -210,7 +210,7 @@ def kv_expansion_functions(model: nn.Module) -> dict[str, Any]:
 def verify_kv_expansion(model: nn.Module) -> str:
     """Check every `repeat_kv` the model uses equals `repeat_interleave(dim=1)` (the correct GQA
     expansion: query head h reads key/value head h // n_rep). Returns a one-line summary."""
-    config = model.config
+    config = cast(Any, model).config  # a transformers config (torch types the attribute Tensor | Module)
     n_heads = config.num_attention_heads
     n_kv = getattr(config, "num_key_value_heads", None) or n_heads
     if n_heads % n_kv:

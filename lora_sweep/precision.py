@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Callable, Iterator
+from typing import Any, cast
 
 import torch
 from torch import nn
@@ -89,10 +90,13 @@ def causal_sdpa_mask(**kwargs) -> torch.Tensor | None:
     mask = kwargs.get("attention_mask")
     if (
         kwargs.get("allow_is_causal_skip", True)
-        and mask is not None and mask.dtype == torch.bool and mask.dim() == 2
+        and mask is not None
+        and mask.dtype == torch.bool
+        and mask.dim() == 2
         and kwargs.get("mask_function", causal_mask_function) is causal_mask_function
         and kwargs.get("local_size") is None
-        and kwargs.get("q_offset", 0) == 0 and kwargs.get("kv_offset", 0) == 0
+        and kwargs.get("q_offset", 0) == 0
+        and kwargs.get("kv_offset", 0) == 0
         and kwargs["q_length"] == kwargs["kv_length"] == mask.shape[-1]
         and is_right_padded(mask)
     ):
@@ -111,7 +115,7 @@ def register_fp32_sdpa() -> None:
 
 def _transformers_model(model: nn.Module) -> nn.Module | None:
     """The transformers model under a peft wrapper (or the model itself), if it has one."""
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    base = cast(Any, model).get_base_model() if hasattr(model, "get_base_model") else model
     return base if hasattr(base, "set_attn_implementation") else None
 
 
@@ -130,7 +134,8 @@ def mixed_precision(
     if precision == "fp32":
         yield contextlib.nullcontext
         return
-    base = _transformers_model(model) if device.type == "cpu" else None
+    # a transformers model (duck-typed: torch types its attributes as Tensor | Module); None unless configured
+    base: Any = _transformers_model(model) if device.type == "cpu" else None
     configured = base.config._attn_implementation if base is not None else None
     if configured == "sdpa":
         register_fp32_sdpa()

@@ -79,8 +79,15 @@ _OUTCOME_COLUMNS: tuple[tuple[str, type, str], ...] = (
     ("grad_volatility", float, "std of step-to-step changes of ln(grad norm) after warm-up"),
     ("stability_index", float, "exp(-drawup)(1-spike_rate)/(1+grad_volatility), 0 if diverged; in [0, 1]"),
     ("quality", float, "max(0, ln(initial_loss/final_loss)) * stability_index (objective, maximize)"),
-    ("improvement", float, "1 - final_loss/initial_loss"),
-    ("learned", bool, "improvement >= the minimum improvement (true/false)"),
+    ("improvement", float, "1 - final_loss/initial_loss (training loss)"),
+    ("eval_loss", float, "held-out loss at the last evaluation (the final step unless pruned or stopped)"),
+    ("eval_loss_base", float, "held-out loss of the base model (step 0; the same in every trial of a sweep)"),
+    ("eval_improvement", float, "1 - eval_loss/eval_loss_base"),
+    ("best_eval_loss", float, "lowest held-out loss of any evaluation"),
+    ("best_eval_step", int, "step of best_eval_loss (0: the base model was best)"),
+    ("generalization_gap", float, "eval_loss - final_loss (held-out minus training loss at the end)"),
+    ("eval_seconds", float, "seconds spent on held-out evaluation"),
+    ("learned", bool, "eval_improvement >= train.min_improvement (true/false)"),
     ("divergence_step", int, "step at which the run was judged diverged (empty if not)"),
     ("duration_s", float, "wall-clock seconds of the whole trial (loading, self-check, training)"),
     ("tokens_per_s", float, "real (non-padding) tokens trained per second of the training loop"),
@@ -92,11 +99,7 @@ _OUTCOME_COLUMNS: tuple[tuple[str, type, str], ...] = (
     ("device", str, "device the run used, e.g. cuda:0 or cpu"),
     ("run_dir", str, "path of the run's directory (config, metrics, step log)"),
 )
-_COLUMNS = (
-    _RUN_COLUMNS
-    + tuple((key.key, key.type, key.doc) for key in config_keys())
-    + _OUTCOME_COLUMNS
-)
+_COLUMNS = _RUN_COLUMNS + tuple((key.key, key.type, key.doc) for key in config_keys()) + _OUTCOME_COLUMNS
 
 COLUMN_DOCS: dict[str, str] = {name: doc for name, _, doc in _COLUMNS}
 """What each column means, in column order: the run's identity, every config value (one
@@ -111,7 +114,13 @@ COLUMN_DTYPES: dict[str, str] = {name: _PANDAS_DTYPES[kind] for name, kind, _ in
 ``Int64``, flags nullable ``boolean``, other numbers ``float64``."""
 
 STEP_LOG_COLUMNS: tuple[str, ...] = (
-    "step", "loss", "grad_norm", "lr", "tokens", "real_tokens", "elapsed_s",
+    "step",
+    "loss",
+    "grad_norm",
+    "lr",
+    "tokens",
+    "real_tokens",
+    "elapsed_s",
 )
 """Usual step-log columns; the header of an empty step log."""
 
@@ -167,8 +176,7 @@ def _row_cells(row: Mapping[str, object]) -> list[str]:
     unknown = [key for key in row if key not in COLUMN_DOCS]
     if unknown:
         raise ResultsError(
-            f"unknown result column(s) {', '.join(map(repr, unknown))}; "
-            f"allowed columns are results.CSV_COLUMNS"
+            f"unknown result column(s) {', '.join(map(repr, unknown))}; allowed columns are results.CSV_COLUMNS"
         )
     return [_one_line(format_cell(row.get(column))) for column in CSV_COLUMNS]
 
@@ -290,9 +298,7 @@ def read_rows(csv_path: str | os.PathLike[str]) -> pd.DataFrame:
     na_values = {column: ["", "nan", "NaN"] for column, dtype in dtypes.items() if dtype != "str"}
     # pandas 3 parses floats exactly by default (and deprecates the option); 2.x needs it.
     exact = {"float_precision": "round_trip"} if int(pd.__version__.split(".")[0]) < 3 else {}
-    return pd.read_csv(
-        csv_path, dtype=dtypes, keep_default_na=False, na_values=na_values, **exact
-    )
+    return pd.read_csv(csv_path, dtype=dtypes, keep_default_na=False, na_values=na_values, **exact)
 
 
 # ------------------------------------------------------------- run-directory files
@@ -335,14 +341,15 @@ def write_text(path: str | os.PathLike[str], text: str) -> None:
     _atomic_write(path, text)
 
 
-def write_step_log(path: str | os.PathLike[str], rows: Sequence[Mapping[str, float]]) -> None:
-    """Atomically write the per-step log as CSV.
+def write_step_log(
+    path: str | os.PathLike[str], rows: Sequence[Mapping[str, float]], *, empty_header: Sequence[str] = STEP_LOG_COLUMNS
+) -> None:
+    """Atomically write a per-step log (``steps.csv``, ``evals.csv``) as CSV.
 
     Columns follow the first row's key order (any keys first seen later are
-    appended; missing cells are empty); an empty log gets the STEP_LOG_COLUMNS
-    header only.
+    appended; missing cells are empty); an empty log gets ``empty_header`` only.
     """
-    columns: list[str] = list(rows[0]) if rows else list(STEP_LOG_COLUMNS)
+    columns: list[str] = list(rows[0]) if rows else list(empty_header)
     for row in rows[1:]:
         columns.extend(key for key in row if key not in columns)
     lines = [_csv_line(columns)]

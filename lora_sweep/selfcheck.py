@@ -13,13 +13,13 @@ import math
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from typing import Any, cast
 
 import torch
 from torch import nn
 
 from lora_sweep.data import IGNORE_INDEX
 from lora_sweep.model import ModelError, verify_kv_expansion
-
 
 # Checks of the base model and the code path (not of the adapter): with lora_B = 0 at init the
 # adapted model computes exactly the base model, so these pass or fail per base model. A
@@ -74,7 +74,7 @@ def _logits(model: nn.Module, batch: Mapping[str, torch.Tensor]) -> torch.Tensor
 
 
 def check_eager_matches_sdpa(model: nn.Module, batch: Mapping[str, torch.Tensor]) -> str:
-    base = model.get_base_model()
+    base = cast(Any, model).get_base_model()  # a peft model
     configured = base.config._attn_implementation
     real = batch["attention_mask"].bool()
     try:
@@ -196,7 +196,7 @@ def run_self_check(
                 report.details[name] = detail if detail.startswith("cached: ") else f"cached: {detail}"
         else:
             try:
-                report.details["kv_expansion"] = verify_kv_expansion(model.get_base_model())
+                report.details["kv_expansion"] = verify_kv_expansion(cast(Any, model).get_base_model())
             except ModelError as err:
                 raise SelfCheckError("kv_expansion", str(err)) from err
             model.eval()

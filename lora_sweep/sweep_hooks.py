@@ -8,13 +8,71 @@ from typing import Any
 
 from lora_sweep.results import CSV_COLUMNS, PAYLOAD_CSV_KEY, append_row
 from lora_sweep.sweep.hooks import SweepHooks
+from lora_sweep.sweep.study import is_counted
 
 # The metrics a trial returns that can be a sweep's objective, with their directions.
 OBJECTIVES: dict[str, str] = {
     "stability_index": "maximize",
     "quality": "maximize",
     "final_loss": "minimize",
+    "eval_loss": "minimize",
+    "best_eval_loss": "minimize",
+    "eval_improvement": "maximize",
 }
+LEARNED_SHARE = 0.5
+"""The summary's best trial learned at least this share of the largest held-out improvement
+of any completed trial (see `LoraSweepHooks.best_trials`)."""
+
+
+def _number(value: Any) -> float | None:
+    return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else None
+
+
+def _feasible(trial: Any) -> bool:
+    return all(value <= 0 for value in (trial.constraints or {}).values())
+
+
+def _completed(study: Any) -> list[Any]:
+    from optuna.trial import TrialState
+
+    return [
+        t
+        for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+        if is_counted(t) and t.values is not None
+    ]
+
+
+def learners(study: Any) -> list[Any]:
+    """Completed, feasible trials whose held-out improvement is at least `LEARNED_SHARE` of the
+    largest among the completed trials (all feasible ones when no trial reports one)."""
+    completed = _completed(study)
+    gains = [g for g in (_number(t.user_attrs.get("eval_improvement")) for t in completed) if g is not None]
+    top = max(gains, default=None)
+    chosen = []
+    for trial in completed:
+        gain = _number(trial.user_attrs.get("eval_improvement"))
+        if not _feasible(trial):
+            continue
+        if top is None or top <= 0 or (gain is not None and gain >= LEARNED_SHARE * top):
+            chosen.append(trial)
+    return chosen
+
+
+def _by_objective(study: Any, trials: list[Any]) -> Any:
+    from optuna.study import StudyDirection
+
+    sign = 1.0 if study.direction == StudyDirection.MAXIMIZE else -1.0
+    return max(trials, key=lambda t: (sign * t.values[0], -t.number))
+
+
+def _describe(study: Any, trial: Any) -> str:
+    attrs = trial.user_attrs
+    parts = [f"trial {trial.number}"]
+    for key in ("stability_index", "eval_loss", "eval_improvement"):
+        value = _number(attrs.get(key))
+        if value is not None:
+            parts.append(f"{key}={value:.4g}")
+    return " ".join(parts)
 
 
 class LoraSweepHooks(SweepHooks):
@@ -30,6 +88,36 @@ class LoraSweepHooks(SweepHooks):
         except Exception:  # noqa: BLE001 - an interpolation that does not resolve outside a job
             return None
         return str(results_dir) if results_dir else None
+
+    def best_trials(self, study: Any) -> list[Any] | None:
+        """The best by the objective among the trials that learned: feasible (held-out loss at
+        least `train.min_improvement` below the base model's) AND at least `LEARNED_SHARE` of the
+        largest held-out improvement of the sweep. A stability objective alone rewards a run
+        that barely moved; this keeps "best" to runs that learned about as much as the best
+        learner. Multi-objective studies keep Optuna's Pareto front (None)."""
+        if len(study.directions) > 1:
+            return None
+        chosen = learners(study)
+        return [_by_objective(study, chosen)] if chosen else []
+
+    def summary_lines(self, study: Any) -> list[str]:
+        """How the best was chosen, and the lowest-held-out-loss trial when it is another one."""
+        if len(study.directions) > 1:
+            return []
+        best = self.best_trials(study) or []
+        lowest = [t for t in _completed(study) if _feasible(t) and _number(t.user_attrs.get("eval_loss")) is not None]
+        lines = []
+        if best:
+            metric = study.metric_names[0] if study.metric_names else "objective"
+            lines.append(
+                f"best by {metric} among the trials that learned (held-out improvement >= "
+                f"{LEARNED_SHARE:g} x the sweep's largest): {_describe(study, best[0])}"
+            )
+        if lowest:
+            low = min(lowest, key=lambda t: (float(t.user_attrs["eval_loss"]), t.number))
+            if not best or low.number != best[0].number:
+                lines.append(f"lowest held-out loss: {_describe(study, low)}")
+        return lines
 
     def on_recovered(self, recorded: Mapping[str, Any]) -> None:
         """Append the trial's results row unless its job wrote it before the sweep died (the

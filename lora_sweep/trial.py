@@ -19,7 +19,7 @@ from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field, fields
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 import torch
 
@@ -28,22 +28,42 @@ from lora_sweep.cache import CachedModel, TrialCache
 from lora_sweep.config import RunConfig
 from lora_sweep.embedded import SANITY_SAMPLES_PATH
 from lora_sweep.errors import INPUT_ERRORS, ConfigError
+from lora_sweep.evaluate import EVAL_TOKENS_PER_BATCH, EvalResult, eval_batches, evaluate_loss
 from lora_sweep.lora import adapted_modules, apply_lora, check_default_targets, check_rank, count_parameters
-from lora_sweep.metrics import TrialMetrics, compute_metrics
-from lora_sweep.model import check_max_length, load_model_config, model_skeleton, resolve_device, resolve_model_dir
+from lora_sweep.metrics import TrialMetrics, compute_metrics, eval_summary
+from lora_sweep.model import (
+    check_max_length,
+    load_model_config,
+    model_skeleton,
+    position_limit,
+    resolve_device,
+    resolve_model_dir,
+)
 from lora_sweep.precision import resolve_precision
 from lora_sweep.results import COLUMN_DOCS, ResultsError, check_appendable, write_json, write_step_log
 from lora_sweep.selfcheck import MODEL_LEVEL_CHECKS, FirstStepCheck, run_self_check
+from lora_sweep.split import split_records
 from lora_sweep.sweep.objective import failure_reason, is_out_of_memory
-from lora_sweep.train import LoopResult, StepHook, train_loop
+from lora_sweep.train import EVAL_LOG_COLUMNS, LoopResult, StepHook, train_loop
 
 if TYPE_CHECKING:
     from peft import PeftModel
 
 log = logging.getLogger(__name__)
 
+EVAL_METRICS = (
+    "eval_loss",
+    "eval_loss_base",
+    "eval_improvement",
+    "best_eval_loss",
+    "best_eval_step",
+    "generalization_gap",
+)
 # The metrics that are results columns (the rest, e.g. `constraint`, only go to result.json).
-METRIC_COLUMNS: tuple[str, ...] = tuple(f.name for f in fields(TrialMetrics) if f.name in COLUMN_DOCS)
+METRIC_COLUMNS: tuple[str, ...] = tuple(
+    name for name in (*(f.name for f in fields(TrialMetrics)), *EVAL_METRICS) if name in COLUMN_DOCS
+)
+EVAL_CONTEXT_CAP = 2048  # held-out sequences of a long-context model: enough to judge, affordable to run
 
 
 @dataclass
@@ -58,6 +78,8 @@ class Prepared:
     adapted_modules: list[str]
     device: torch.device
     cached: CachedModel
+    eval_batches: list[dict[str, torch.Tensor]]
+    eval_key: tuple  # identifies the validation set as tokenized (base evaluations are cached by it)
     cache_hit: bool = False
 
 
@@ -83,6 +105,7 @@ class TrialResult:
     cache_hit: bool = False
     train_seconds: float = 0.0
     step_seconds: float = 0.0
+    eval_seconds: float = 0.0
     timestamp_utc: str = field(default_factory=lambda: datetime.now(UTC).isoformat(timespec="seconds"))
 
     def csv_row(
@@ -103,28 +126,45 @@ class TrialResult:
         }
         row.update(cfg.flat_values())
         row.update({key: self.metrics.get(key) for key in METRIC_COLUMNS})
-        row.update({
-            "steps_completed": self.steps_completed,
-            "duration_s": round(self.duration_s, 3),
-            "tokens_per_s": round(self.tokens_per_s, 1),
-            "real_tokens": self.real_tokens,
-            "peak_mem_mb": round(self.peak_mem_mb, 1),
-            "trainable_params": self.trainable_params,
-            "adapted_modules": ",".join(self.adapted_modules),
-            "precision": self.precision,
-            "device": self.device,
-            "run_dir": str(self.run_dir),
-        })
+        row.update(
+            {
+                "steps_completed": self.steps_completed,
+                "duration_s": round(self.duration_s, 3),
+                "tokens_per_s": round(self.tokens_per_s, 1),
+                "real_tokens": self.real_tokens,
+                "peak_mem_mb": round(self.peak_mem_mb, 1),
+                "eval_seconds": round(self.eval_seconds, 3),
+                "trainable_params": self.trainable_params,
+                "adapted_modules": ",".join(self.adapted_modules),
+                "precision": self.precision,
+                "device": self.device,
+                "run_dir": str(self.run_dir),
+            }
+        )
         return row
 
     def to_json(self) -> dict[str, Any]:
         return {
-            "status": self.status, "reason": self.reason, "run_id": self.run_id, "run_dir": str(self.run_dir),
-            "metrics": self.metrics, "steps_completed": self.steps_completed, "duration_s": self.duration_s,
-            "tokens_per_s": self.tokens_per_s, "real_tokens": self.real_tokens, "peak_mem_mb": self.peak_mem_mb,
-            "trainable_params": self.trainable_params, "adapted_modules": self.adapted_modules, "device": self.device,
-            "self_check": self.self_check, "precision": self.precision, "cache_hit": self.cache_hit,
-            "train_seconds": self.train_seconds, "step_seconds": self.step_seconds, "timestamp_utc": self.timestamp_utc,
+            "status": self.status,
+            "reason": self.reason,
+            "run_id": self.run_id,
+            "run_dir": str(self.run_dir),
+            "metrics": self.metrics,
+            "steps_completed": self.steps_completed,
+            "duration_s": self.duration_s,
+            "tokens_per_s": self.tokens_per_s,
+            "real_tokens": self.real_tokens,
+            "peak_mem_mb": self.peak_mem_mb,
+            "trainable_params": self.trainable_params,
+            "adapted_modules": self.adapted_modules,
+            "device": self.device,
+            "self_check": self.self_check,
+            "precision": self.precision,
+            "cache_hit": self.cache_hit,
+            "train_seconds": self.train_seconds,
+            "step_seconds": self.step_seconds,
+            "eval_seconds": self.eval_seconds,
+            "timestamp_utc": self.timestamp_utc,
         }
 
 
@@ -149,6 +189,29 @@ def data_path(cfg: RunConfig) -> Path:
     return Path(cfg.data.path) if cfg.data.path else SANITY_SAMPLES_PATH
 
 
+def split_data(cfg: RunConfig, cache: TrialCache) -> tuple[tuple, list[Any], tuple, list[Any]]:
+    """(train key, train records, validation key, validation records): `data.val_path`'s records,
+    or `data.val_size` split off the training file (`lora_sweep.split`, the same split in every
+    trial). Raises `DataError` when either side would be empty."""
+    records_key, records = cache.records(data_path(cfg))
+    if cfg.data.val_path:
+        val_key, val_records = cache.records(Path(cfg.data.val_path))
+        return records_key, records, val_key, val_records
+    size = cfg.data.val_size
+    train, val = split_records(records, val_size=int(size) if size >= 1 else size, seed=cfg.data.val_seed)
+    split = ("split", size, cfg.data.val_seed)
+    return (*records_key, "train", *split), train, (*records_key, "val", *split), val
+
+
+def eval_max_length(cfg: RunConfig, model_config: Any) -> int:
+    """Tokens per held-out sequence: `data.eval_max_length`, else the model's context (capped),
+    never `data.max_length`, which a sweep may search: every trial is judged on the same tokens."""
+    if cfg.data.eval_max_length is not None:
+        return cfg.data.eval_max_length
+    limit = position_limit(model_config)
+    return min(limit[1], EVAL_CONTEXT_CAP) if limit is not None else EVAL_CONTEXT_CAP
+
+
 def check_inputs(cfg: RunConfig, cache: TrialCache) -> None:
     """The cheap input checks, run before a run or a sweep starts (a sweep refuses them before
     its study): the data file, the checkpoint directory, its config and tokenizer,
@@ -156,10 +219,12 @@ def check_inputs(cfg: RunConfig, cache: TrialCache) -> None:
     model's layers (on a weightless skeleton), the device, the results directory. Raises one of
     `INPUT_ERRORS`."""
     # through the cache, so the trial that follows in this process does not load them again
-    cache.records(data_path(cfg))
+    split_data(cfg, cache)  # also: neither side of the split empty
     model_dir = resolve_model_dir(cfg.model)
     model_config = load_model_config(model_dir, cfg.model)
     check_max_length(cfg.data.max_length, model_config)
+    if cfg.data.eval_max_length is not None:
+        check_max_length(cfg.data.eval_max_length, model_config, key="data.eval_max_length")
     cache.tokenizer(model_dir, cfg.model)  # e.g. neither pad nor EOS token
     skeleton = model_skeleton(model_config, cfg.model)
     check_default_targets(skeleton, cfg.lora)
@@ -183,8 +248,9 @@ def warm_up(cfg: RunConfig, cache: TrialCache) -> None:
         with prepared_trial(cfg, cache) as prepared:
             entry = prepared.cached
             if cfg.model.self_check and entry.checked is None:
-                report = run_self_check(prepared.model, prepared.probe, vocab_size=prepared.vocab_size,
-                                        first_backward=False)
+                report = run_self_check(
+                    prepared.model, prepared.probe, vocab_size=prepared.vocab_size, first_backward=False
+                )
                 entry.checked = {k: report.details[k] for k in MODEL_LEVEL_CHECKS}
     except INPUT_ERRORS:
         raise
@@ -205,11 +271,11 @@ def prepare(cfg: RunConfig, cache: TrialCache) -> Prepared:
     always fresh. The caller must give the model back (`prepared_trial` does).
     """
     # data first: it is the cheapest to validate
-    records_key, records = cache.records(data_path(cfg))
+    train_key, train_records, val_key, val_records = split_data(cfg, cache)
     model_dir = resolve_model_dir(cfg.model)
     device = resolve_device(cfg.train.device)
     tokenizer, tok_key = cache.tokenizer(model_dir, cfg.model)
-    examples = cache.examples(records_key, records, tokenizer, tok_key, cfg.data)
+    examples = cache.examples(train_key, train_records, tokenizer, tok_key, cfg.data)
     collator = data_lib.Collator(
         tokenizer.pad_token_id,
         padding_side=tokenizer.padding_side,
@@ -229,19 +295,30 @@ def prepare(cfg: RunConfig, cache: TrialCache) -> Prepared:
         cache.give_back(entry, adapted=None)
         raise
     trainable, _ = count_parameters(model)
+    eval_length = eval_max_length(cfg, entry.model.config)
+    val_examples = cache.examples(val_key, val_records, tokenizer, tok_key, cfg.data, max_length=eval_length)
     loader = data_lib.make_dataloader(
-        dataset, collator, batch_size=cfg.train.batch_size, seed=cfg.train.seed,
+        dataset,
+        collator,
+        batch_size=cfg.train.batch_size,
+        seed=cfg.train.seed,
         group_by_length=cfg.data.group_by_length,
     )
     return Prepared(
         model=model,
         loader=loader,
         probe={k: v.to(device) for k, v in probe.items()},
-        vocab_size=int(model.get_base_model().config.vocab_size),
+        vocab_size=int(cast(Any, model.get_base_model()).config.vocab_size),  # a transformers model
         trainable_params=trainable,
         adapted_modules=adapted_modules(model),
         device=device,
         cached=entry,
+        eval_batches=eval_batches(
+            val_examples,
+            tokenizer.pad_token_id,
+            tokens_per_batch=EVAL_TOKENS_PER_BATCH.get(device.type, EVAL_TOKENS_PER_BATCH["cuda"]),
+        ),
+        eval_key=(val_key, tok_key, cfg.data.template, eval_length, cfg.data.mask_prompt),
         cache_hit=hit,
     )
 
@@ -314,7 +391,11 @@ def _status(loop: LoopResult, metrics: Mapping[str, Any]) -> tuple[str, str]:
 
 
 def run_trial(
-    cfg: RunConfig, run_dir: Path, *, cache: TrialCache | None = None, on_step: StepHook | None = None,
+    cfg: RunConfig,
+    run_dir: Path,
+    *,
+    cache: TrialCache | None = None,
+    on_step: StepHook | None = None,
     config_yaml: str | None = None,
 ) -> TrialResult:
     """Run one trial and write its run directory (config, per-step log, result JSON).
@@ -331,8 +412,16 @@ def run_trial(
     out_of_memory = False
     try:
         with prepared_trial(cfg, cache) as prepared:
-            out_of_memory = _run_prepared(cfg, prepared, result, run_dir, on_step=on_step, config_yaml=config_yaml,
-                                          start=start, peak_was_reset=peak_was_reset)
+            out_of_memory = _run_prepared(
+                cfg,
+                prepared,
+                result,
+                run_dir,
+                on_step=on_step,
+                config_yaml=config_yaml,
+                start=start,
+                peak_was_reset=peak_was_reset,
+            )
     except Exception as err:
         out_of_memory = is_out_of_memory(err)
         raise
@@ -343,8 +432,15 @@ def run_trial(
 
 
 def _run_prepared(
-    cfg: RunConfig, prepared: Prepared, result: TrialResult, run_dir: Path, *,
-    on_step: StepHook | None, config_yaml: str | None, start: float, peak_was_reset: bool,
+    cfg: RunConfig,
+    prepared: Prepared,
+    result: TrialResult,
+    run_dir: Path,
+    *,
+    on_step: StepHook | None,
+    config_yaml: str | None,
+    start: float,
+    peak_was_reset: bool,
 ) -> bool:
     """Train and measure into `result`; returns whether the trial ran out of memory."""
     result.device, result.trainable_params = str(prepared.device), prepared.trainable_params
@@ -363,22 +459,55 @@ def _run_prepared(
             entry = prepared.cached
             cached_checks = entry.checked
             # the first-backward check runs on the loop's first step (no extra forward/backward)
-            report = run_self_check(prepared.model, prepared.probe, vocab_size=prepared.vocab_size,
-                                    model_checks=cached_checks, first_backward=False)
+            report = run_self_check(
+                prepared.model,
+                prepared.probe,
+                vocab_size=prepared.vocab_size,
+                model_checks=cached_checks,
+                first_backward=False,
+            )
             if cached_checks is None:
                 entry.checked = {k: report.details[k] for k in MODEL_LEVEL_CHECKS}
             result.self_check = dict(report.details, seconds=f"{report.seconds:.3f}")
             first_step_check = FirstStepCheck(result.self_check, prepared.vocab_size)
             log.info("self-check passed in %.2f s: %s", report.seconds, "; ".join(report.details.values()))
-        loop = train_loop(prepared.model, data_lib.infinite_batches(prepared.loader), cfg.train, prepared.device,
-                          on_step=on_step, precision=precision, first_step_check=first_step_check)
-        metrics = compute_metrics(
+        model, base_key = prepared.model, (prepared.eval_key, precision)
+        base_eval = prepared.cached.base_evals.get(base_key)
+
+        def evaluate(autocast: Any) -> EvalResult:
+            return evaluate_loss(model, prepared.eval_batches, prepared.device, autocast=autocast)
+
+        loop = train_loop(
+            model,
+            data_lib.infinite_batches(prepared.loader),
+            cfg.train,
+            prepared.device,
+            on_step=on_step,
+            precision=precision,
+            first_step_check=first_step_check,
+            evaluate=evaluate,
+            base_eval=base_eval,
+        )
+        if base_eval is None and loop.evals:  # step 0 is the base model (LoRA's B = 0 at init)
+            prepared.cached.base_evals[base_key] = EvalResult(loop.evals[0].loss, 0, loop.evals[0].seconds)
+        trial_metrics = compute_metrics(
             [s.loss for s in loop.steps],
             [s.grad_norm for s in loop.steps],
             warmup_steps=cfg.train.warmup_steps,
             vocab_size=prepared.vocab_size,
             min_improvement=cfg.train.min_improvement,
-        ).to_dict()
+        )
+        metrics = trial_metrics.to_dict()
+        # learned and constraint are judged on the held-out loss
+        finite_run = not (trial_metrics.diverged and "non-finite" in trial_metrics.divergence_reason)
+        metrics.update(
+            eval_summary(
+                [(e.step, e.loss) for e in loop.evals],
+                final_loss=trial_metrics.final_loss,
+                min_improvement=cfg.train.min_improvement,
+                finite_run=finite_run,
+            )
+        )
         result.metrics = metrics
         result.status, result.reason = _status(loop, metrics)
     except Exception as err:  # noqa: BLE001 - a trial reports failure instead of crashing the sweep
@@ -388,9 +517,11 @@ def _run_prepared(
     result.steps_completed = len(loop.steps)
     result.real_tokens = sum(s.real_tokens for s in loop.steps)
     result.train_seconds, result.step_seconds = loop.train_seconds, loop.step_seconds
+    result.eval_seconds = loop.eval_seconds
     result.tokens_per_s = result.real_tokens / loop.train_seconds if loop.train_seconds > 0 else 0.0
     result.peak_mem_mb = peak_memory_mb(prepared.device, was_reset=peak_was_reset)
     result.duration_s = time.perf_counter() - start
     write_step_log(run_dir / "steps.csv", [s.to_dict() for s in loop.steps])
+    write_step_log(run_dir / "evals.csv", [e.to_dict() for e in loop.evals], empty_header=EVAL_LOG_COLUMNS)
     write_json(run_dir / "result.json", result.to_json())
     return out_of_memory

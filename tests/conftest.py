@@ -90,7 +90,9 @@ def _train_tokenizer(texts: list[str], out: Path) -> None:
         vocab_size=384, special_tokens=["<s>", "</s>", "<pad>"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
     )
     tok.train_from_iterator(texts, trainer=trainer)
-    PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>").save_pretrained(out)
+    PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>").save_pretrained(
+        out
+    )
 
 
 @pytest.fixture(scope="session")
@@ -106,8 +108,16 @@ def tiny_ckpt(tmp_path_factory: pytest.TempPathFactory) -> Path:
     _train_tokenizer([r["instruction"] + " " + r["input"] + " " + r["output"] for r in records], out)
     torch.manual_seed(0)
     config = LlamaConfig(
-        vocab_size=384, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, max_position_embeddings=256, bos_token_id=0, eos_token_id=1, pad_token_id=2,
+        vocab_size=384,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=256,
+        bos_token_id=0,
+        eos_token_id=1,
+        pad_token_id=2,
     )
     LlamaForCausalLM(config).save_pretrained(out)
     return out
@@ -145,6 +155,10 @@ def run_cli(*args: str, cwd: Path | None = None, timeout: float = 300) -> subpro
     unless `hydra.sweeper.n_jobs` is given, see `one_worker`)."""
     env = dict(os.environ, PYTHONUNBUFFERED="1")
     return subprocess.run(
-        [sys.executable, "-m", "lora_sweep", *one_worker(args)], capture_output=True, text=True, cwd=cwd or REPO,
-        env=env, timeout=timeout,
+        [sys.executable, "-m", "lora_sweep", *one_worker(args)],
+        capture_output=True,
+        text=True,
+        cwd=cwd or REPO,
+        env=env,
+        timeout=timeout,
     )

@@ -21,9 +21,18 @@ optuna.logging.set_verbosity(optuna.logging.WARNING)
 PG_URL = "postgresql://postgres@127.0.0.1:5432/test"
 APP = REPO / "tests" / "sweep_apps" / "app.py"
 # Tiny real trials: a few optimizer steps on short sequences; no enqueued baseline; a report
-# (and pruner check) at every one of the 8 steps, where the default sweep reports every 5th.
-SWEEP_TINY = ["train.max_steps=8", "train.warmup_steps=2", "train.batch_size=4", "train.log_every=4",
-              "data.max_length=64", "hydra.sweeper.enqueue=null", "hydra.sweeper.report_every=1"]
+# of the objective so far (and a pruner check) at every one of the 8 steps, where the default
+# sweep reports the held-out improvement at each evaluation.
+SWEEP_TINY = [
+    "train.max_steps=8",
+    "train.warmup_steps=2",
+    "train.batch_size=4",
+    "train.log_every=4",
+    "data.max_length=64",
+    "hydra.sweeper.enqueue=null",
+    "hydra.sweeper.report_every=1",
+    "train.prune_on=objective",
+]
 
 
 def worker_env(**extra: str) -> dict[str, str]:
@@ -43,8 +52,9 @@ def app_command(*args: str) -> list[str]:
 def start(cmd: Sequence[str], log: Path, **env: str) -> subprocess.Popen[bytes]:
     """Start one worker with its output in ``log`` (its own session, so kill -9 reaches it all)."""
     handle = open(log, "wb")  # noqa: SIM115 - closed by the child's exit; the test reads the file
-    return subprocess.Popen(list(cmd), cwd=REPO, stdout=handle, stderr=subprocess.STDOUT,
-                            env=worker_env(**env), start_new_session=True)
+    return subprocess.Popen(
+        list(cmd), cwd=REPO, stdout=handle, stderr=subprocess.STDOUT, env=worker_env(**env), start_new_session=True
+    )
 
 
 def run_workers(cmds: Sequence[Sequence[str]], logs: Path, timeout: float = 300, **env: str) -> list[int]:
@@ -91,8 +101,11 @@ def delete(storage: str, study_name: str) -> None:
 
 def real_trials(study: optuna.Study) -> list[optuna.trial.FrozenTrial]:
     """Trials that count: no penalty twins, no stale (killed) trials."""
-    return [t for t in study.get_trials(deepcopy=False)
-            if "penalty_for_trial" not in t.user_attrs and not t.user_attrs.get("stale")]
+    return [
+        t
+        for t in study.get_trials(deepcopy=False)
+        if "penalty_for_trial" not in t.user_attrs and not t.user_attrs.get("stale")
+    ]
 
 
 def storage_for(kind: str, tmp_path: Path) -> str:

@@ -28,10 +28,17 @@ from lora_sweep.sweep.study import ATTR_PENALTY_FOR, JOURNAL_NAME
 # ------------------------------------------------------------------ the shared tiny sweep
 
 TINY_SWEEP_ARGS = (
-    "hydra.sweeper.n_trials=6", "hydra.sweeper.n_jobs=1", "train.max_steps=12", "train.warmup_steps=2", "train.batch_size=4",
-    "data.max_length=64", "hydra.sweeper.enqueue=null",
+    "hydra.sweeper.n_trials=6",
+    "hydra.sweeper.n_jobs=1",
+    "train.max_steps=12",
+    "train.warmup_steps=2",
+    "train.batch_size=4",
+    "data.max_length=64",
+    "hydra.sweeper.enqueue=null",
     # lr 8 diverges (status diverged, state FAIL); no clipping so it really does
-    "train.lr=choice(3e-3, 1e-2, 8.0)", "train.max_grad_norm=1e9", "hydra.sweeper.max_failure_rate=1.0",
+    "train.lr=choice(3e-3, 1e-2, 8.0)",
+    "train.max_grad_norm=1e9",
+    "hydra.sweeper.max_failure_rate=1.0",
 )
 
 
@@ -46,7 +53,11 @@ def tiny_sweep_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     env = dict(os.environ, PYTHONUNBUFFERED="1")
     proc = subprocess.run(
         [sys.executable, "-m", "lora_sweep", "-m", f"results_dir={results}", *TINY_SWEEP_ARGS],
-        cwd=base, env=env, capture_output=True, text=True, timeout=600,
+        cwd=base,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
     )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     done.write_text("ok")
@@ -75,8 +86,15 @@ SPECS = {
 
 def _steps(n: int, start: float) -> list[dict[str, float]]:
     return [
-        {"step": t, "loss": start / t, "grad_norm": 1.0 + 0.1 * t, "lr": 1e-3, "tokens": 64,
-         "real_tokens": 50, "elapsed_s": 0.1 * t}
+        {
+            "step": t,
+            "loss": start / t,
+            "grad_norm": 1.0 + 0.1 * t,
+            "lr": 1e-3,
+            "tokens": 64,
+            "real_tokens": 50,
+            "elapsed_s": 0.1 * t,
+        }
         for t in range(1, n + 1)
     ]
 
@@ -100,41 +118,74 @@ def results_dir(tmp_path: Path) -> Path:
     for number in range(8):
         params, dists = {}, {"train.lr": LR, "lora.r": R}
         if number == 5:  # penalty record standing in for the failed trial 4
-            study.add_trial(create_trial(
-                state=TrialState.COMPLETE, value=0.0, params={"train.lr": 0.5, "lora.r": 32},
-                distributions=dists, user_attrs={ATTR_PENALTY_FOR: 4, "status": "penalty"},
-                constraints={"c": 1.0},
-            ))
+            study.add_trial(
+                create_trial(
+                    state=TrialState.COMPLETE,
+                    value=0.0,
+                    params={"train.lr": 0.5, "lora.r": 32},
+                    distributions=dists,
+                    user_attrs={ATTR_PENALTY_FOR: 4, "status": "penalty"},
+                    constraints={"c": 1.0},
+                )
+            )
             continue
         if number == 7:
-            study.add_trial(create_trial(
-                state=TrialState.RUNNING, params={"train.lr": 1e-3, "lora.r": 4}, distributions=dists,
-            ))
+            study.add_trial(
+                create_trial(
+                    state=TrialState.RUNNING,
+                    params={"train.lr": 1e-3, "lora.r": 4},
+                    distributions=dists,
+                )
+            )
             continue
         state, lr, r, stab, final, learned, status, reason = SPECS[number]
         params = {"train.lr": lr, "lora.r": r}
         run_dir = tmp_path / "sweeps" / "lora_sweep" / str(number)
         attrs = {
-            "stability_index": stab, "final_loss": final, "learned": learned, "status": status,
-            "reason": reason, "run_dir": str(run_dir if number != 1 else tmp_path / "moved" / "1"),
-            "lora.alpha": 2.0 * r, "train.warmup_steps": 1,
+            "stability_index": stab,
+            "final_loss": final,
+            "learned": learned,
+            "status": status,
+            "reason": reason,
+            "run_dir": str(run_dir if number != 1 else tmp_path / "moved" / "1"),
+            "lora.alpha": 2.0 * r,
+            "train.warmup_steps": 1,
         }
         steps = {0: 10, 1: 8, 3: 3, 4: 5}.get(number)
         if steps:
             run_dir.mkdir(parents=True)
             write_step_log(run_dir / "steps.csv", _steps(steps, 4.0 + number))
-        study.add_trial(create_trial(
-            state=TrialState[state], value=stab if state == "COMPLETE" else None, params=params,
-            distributions=dists, user_attrs=attrs,
-            intermediate_values={1: 1.0, 2: stab} if state != "FAIL" else {1: 1.0},
-            constraints=None if state == "FAIL" else {"learned": -0.1 if learned else 0.1},
-        ))
-        append_row(csv, {
-            "study_name": "lora_sweep", "trial_number": number, "state": state, "run_id": str(number),
-            "status": status, "reason": reason, "lora.r": r, "lora.alpha": 2.0 * r, "train.lr": lr,
-            "train.warmup_steps": 1, "stability_index": stab, "final_loss": final, "learned": learned,
-            "steps_completed": steps or 0, "run_dir": attrs["run_dir"],
-        })
+        study.add_trial(
+            create_trial(
+                state=TrialState[state],
+                value=stab if state == "COMPLETE" else None,
+                params=params,
+                distributions=dists,
+                user_attrs=attrs,
+                intermediate_values={1: 1.0, 2: stab} if state != "FAIL" else {1: 1.0},
+                constraints=None if state == "FAIL" else {"learned": -0.1 if learned else 0.1},
+            )
+        )
+        append_row(
+            csv,
+            {
+                "study_name": "lora_sweep",
+                "trial_number": number,
+                "state": state,
+                "run_id": str(number),
+                "status": status,
+                "reason": reason,
+                "lora.r": r,
+                "lora.alpha": 2.0 * r,
+                "train.lr": lr,
+                "train.warmup_steps": 1,
+                "stability_index": stab,
+                "final_loss": final,
+                "learned": learned,
+                "steps_completed": steps or 0,
+                "run_dir": attrs["run_dir"],
+            },
+        )
     return tmp_path
 
 
@@ -142,7 +193,7 @@ def test_load_trials_merges_csv_and_study(results_dir: Path) -> None:
     trials = analysis.load_trials(results_dir)
     assert list(trials["trial_number"]) == [0, 1, 2, 3, 4, 6, 7]  # no penalty record, no single run
     assert list(trials.columns[:4]) == ["trial_number", "state", "status", "reason"]
-    states = dict(zip(trials["trial_number"], trials["state"]))
+    states = dict(zip(trials["trial_number"], trials["state"], strict=False))
     assert states == {0: "COMPLETE", 1: "COMPLETE", 2: "COMPLETE", 3: "PRUNED", 4: "FAIL", 6: "COMPLETE", 7: "RUNNING"}
     row = trials.set_index("trial_number").loc[4]
     assert row["status"] == "diverged" and "drawup" in row["reason"]
@@ -225,8 +276,9 @@ def test_pareto_front(results_dir: Path) -> None:
     assert list(analysis.pareto_front(trials)["trial_number"]) == [1, 0, 2]
     assert list(analysis.pareto_front(trials, feasible_only=True)["trial_number"]) == [1, 0]
     assert list(analysis.pareto_front(trials, states=("COMPLETE", "PRUNED", "FAIL"))["trial_number"]) == [1, 0, 2]
-    ties = pd.DataFrame({"state": ["COMPLETE"] * 3, "final_loss": [1.0, 1.0, np.nan],
-                         "stability_index": [0.5, 0.5, 0.9]})
+    ties = pd.DataFrame(
+        {"state": ["COMPLETE"] * 3, "final_loss": [1.0, 1.0, np.nan], "stability_index": [0.5, 0.5, 0.9]}
+    )
     assert len(analysis.pareto_front(ties)) == 2  # equal points do not dominate each other; NaN ignored
 
 
@@ -258,14 +310,23 @@ def test_param_importances_too_few_trials(results_dir: Path) -> None:
     with pytest.raises(analysis.NotEnoughTrialsError, match="has 4"):
         analysis.param_importances(study, include_failed=False, min_trials=5)
     one = optuna.create_study(direction="maximize")
-    one.add_trial(create_trial(value=0.5, params={"train.lr": 1e-3}, distributions={"train.lr": LR},
-                               user_attrs={"stability_index": 0.5}))
+    one.add_trial(
+        create_trial(
+            value=0.5, params={"train.lr": 1e-3}, distributions={"train.lr": LR}, user_attrs={"stability_index": 0.5}
+        )
+    )
     with pytest.raises(analysis.NotEnoughTrialsError, match="n_trials"):
         analysis.param_importances(one)
     same = optuna.create_study(direction="maximize")
     for value in (0.1, 0.2, 0.3, 0.4):
-        same.add_trial(create_trial(value=value, params={"train.lr": 1e-3}, distributions={"train.lr": LR},
-                                    user_attrs={"stability_index": value}))
+        same.add_trial(
+            create_trial(
+                value=value,
+                params={"train.lr": 1e-3},
+                distributions={"train.lr": LR},
+                user_attrs={"stability_index": value},
+            )
+        )
     with pytest.raises(analysis.NotEnoughTrialsError, match="two different values"):
         analysis.param_importances(same)
     assert issubclass(analysis.NotEnoughTrialsError, ValueError)
@@ -284,7 +345,9 @@ def test_analysis_on_a_real_sweep(tiny_sweep: Path) -> None:
     assert len(trials) == 6
     from_csv = analysis.load_trials(tiny_sweep, source="csv")
     assert from_csv["stability_index"].tolist() == pytest.approx(trials["stability_index"].tolist())
-    assert {"lora.r", "lora.alpha", "train.lr", "final_loss", "stability_index", "run_dir", "feasible"} <= set(trials.columns)
+    assert {"lora.r", "lora.alpha", "train.lr", "final_loss", "stability_index", "run_dir", "feasible"} <= set(
+        trials.columns
+    )
     # config columns come typed from the config's fields, whether read from the study or the CSV
     from_study = analysis.load_trials(tiny_sweep, source="study")
     for frame in (from_study, from_csv):

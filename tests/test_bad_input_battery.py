@@ -20,8 +20,14 @@ import pytest
 
 from tests.conftest import REPO, TINY, one_worker, run_cli
 
-SWEEP_TINY = ["train.max_steps=6", "train.warmup_steps=1", "train.batch_size=4", "train.log_every=3",
-              "data.max_length=64", "hydra.sweeper.enqueue=null"]
+SWEEP_TINY = [
+    "train.max_steps=6",
+    "train.warmup_steps=1",
+    "train.batch_size=4",
+    "train.log_every=3",
+    "data.max_length=64",
+    "hydra.sweeper.enqueue=null",
+]
 UNREACHABLE_PG = "postgresql://postgres@127.0.0.1:1/test"  # nothing listens on port 1
 # As root, directory permissions do not bind; drop the capabilities that bypass them.
 _DROP_DAC = ["setpriv", "--bounding-set=-dac_override,-dac_read_search,-fowner", "--"]
@@ -30,8 +36,14 @@ _DROP_DAC = ["setpriv", "--bounding-set=-dac_override,-dac_read_search,-fowner",
 def run_sweep(*args: str, readonly_user: bool = False) -> subprocess.CompletedProcess[str]:
     env = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1")
     prefix = _DROP_DAC if readonly_user and os.geteuid() == 0 else []
-    return subprocess.run([*prefix, sys.executable, "-m", "lora_sweep", *one_worker(["-m", *args])], capture_output=True,
-                          text=True, cwd=REPO, env=env, timeout=300)
+    return subprocess.run(
+        [*prefix, sys.executable, "-m", "lora_sweep", *one_worker(["-m", *args])],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        env=env,
+        timeout=300,
+    )
 
 
 @pytest.fixture(scope="module")
@@ -69,9 +81,18 @@ def granite_ckpt(tiny_ckpt: Path, tmp_path_factory: pytest.TempPathFactory) -> P
     for item in tiny_ckpt.iterdir():
         if item.name.startswith(("tokenizer", "special_tokens")):
             shutil.copy(item, out / item.name)
-    config = GraniteConfig(vocab_size=384, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
-                           num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
-                           bos_token_id=0, eos_token_id=1, pad_token_id=2)
+    config = GraniteConfig(
+        vocab_size=384,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=1,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=256,
+        bos_token_id=0,
+        eos_token_id=1,
+        pad_token_id=2,
+    )
     GraniteForCausalLM(config).save_pretrained(out)
     return out
 
@@ -96,15 +117,25 @@ ALPACA = "data=alpaca"
 # Refused by the model-level preflight: also checked as single runs.
 MODEL_LEVEL = [
     ("missing-data-path", [ALPACA, "data.path=/no/such.json"], "data file not found: /no/such.json"),
-    ("null-targets-no-peft-default", ["model=local", "model.path={granite}", "lora.target_modules=null"],
-     "lora.target_modules=null: peft has no default target modules for model type 'granite'"),
-    ("rank-beyond-layer", ["lora.r=100000"],
-     "lora.r=100000 exceeds the smallest dimension of the targeted layer model.layers.0.self_attn.v_proj"),
-    ("max-length-beyond-positions", ["data.max_length=100000"],
-     "data.max_length=100000 exceeds the model's max_position_embeddings=1024"),
+    (
+        "null-targets-no-peft-default",
+        ["model=local", "model.path={granite}", "lora.target_modules=null"],
+        "lora.target_modules=null: peft has no default target modules for model type 'granite'",
+    ),
+    (
+        "rank-beyond-layer",
+        ["lora.r=100000"],
+        "lora.r=100000 exceeds the smallest dimension of the targeted layer model.layers.0.self_attn.v_proj",
+    ),
+    (
+        "max-length-beyond-positions",
+        ["data.max_length=100000"],
+        "data.max_length=100000 exceeds the model's max_position_embeddings=1024",
+    ),
 ]
 # (case id, overrides, what the one error line must say)
-BATTERY = [*MODEL_LEVEL,
+BATTERY = [
+    *MODEL_LEVEL,
     ("malformed-json", [ALPACA, "data.path={tmp}/malformed.json"], "malformed.json is not valid JSON"),
     ("empty-file", [ALPACA, "data.path={tmp}/empty.json"], "empty.json is empty"),
     ("no-records", [ALPACA, "data.path={tmp}/no_records.json"], "holds no records"),
@@ -121,8 +152,11 @@ BATTERY = [*MODEL_LEVEL,
     ("bad-override", ["lora.r=choice(4,"], "bad override"),
     ("unknown-option", ["lora=foo"], "Could not find 'lora/foo'"),
     ("unknown-sampler", ["hydra/sweeper/sampler=foo"], "Could not find 'hydra/sweeper/sampler/foo'"),
-    ("unreachable-postgres", ["hydra.sweeper.storage={pg}", "hydra.sweeper.study_name=battery_unreachable"],
-     "cannot open the study storage postgresql://postgres@127.0.0.1:1/test"),
+    (
+        "unreachable-postgres",
+        ["hydra.sweeper.storage={pg}", "hydra.sweeper.study_name=battery_unreachable"],
+        "cannot open the study storage postgresql://postgres@127.0.0.1:1/test",
+    ),
     ("readonly-results-dir", ["READONLY"], "is not writable"),
     ("foreign-csv-header", ["FOREIGN_CSV"], "has a different header"),
     ("direction-mismatch", ["hydra.sweeper.objective=final_loss"], "has directions ['maximize']"),
@@ -131,15 +165,23 @@ BATTERY = [*MODEL_LEVEL,
 
 def _digests(results: Path) -> dict[str, str]:
     """Every file of the results dir (CSV, journal, trial directories) by content."""
-    return {str(p.relative_to(results)): hashlib.sha256(p.read_bytes()).hexdigest()
-            for p in sorted(results.rglob("*")) if p.is_file()}
+    return {
+        str(p.relative_to(results)): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(results.rglob("*"))
+        if p.is_file()
+    }
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("overrides,message", [pytest.param(o, m, id=i) for i, o, m in BATTERY])
 def test_bad_input_one_line_nonzero_exit_csv_and_study_untouched(
-    earlier_sweep: Path, tiny_ckpt: Path, no_pad_no_eos_ckpt: Path, granite_ckpt: Path, tmp_path: Path,
-    overrides: list[str], message: str,
+    earlier_sweep: Path,
+    tiny_ckpt: Path,
+    no_pad_no_eos_ckpt: Path,
+    granite_ckpt: Path,
+    tmp_path: Path,
+    overrides: list[str],
+    message: str,
 ) -> None:
     fmt = _files(tmp_path, tiny_ckpt, no_pad_no_eos_ckpt, granite_ckpt)
     results = tmp_path / "results"
@@ -154,8 +196,9 @@ def test_bad_input_one_line_nonzero_exit_csv_and_study_untouched(
         for p in modes:
             p.chmod(modes[p] & ~0o222)
     try:
-        proc = run_sweep(f"results_dir={results}", "hydra.sweeper.n_trials=3", *SWEEP_TINY, *args,
-                         readonly_user=readonly)
+        proc = run_sweep(
+            f"results_dir={results}", "hydra.sweeper.n_trials=3", *SWEEP_TINY, *args, readonly_user=readonly
+        )
     finally:
         for p, mode in modes.items():
             p.chmod(mode)
@@ -170,7 +213,12 @@ def test_bad_input_one_line_nonzero_exit_csv_and_study_untouched(
 @pytest.mark.slow
 @pytest.mark.parametrize("overrides,message", [pytest.param(o, m, id=i) for i, o, m in MODEL_LEVEL])
 def test_bad_input_single_run_exits_2_with_one_line_and_writes_nothing(
-    tiny_ckpt: Path, no_pad_no_eos_ckpt: Path, granite_ckpt: Path, tmp_path: Path, overrides: list[str], message: str,
+    tiny_ckpt: Path,
+    no_pad_no_eos_ckpt: Path,
+    granite_ckpt: Path,
+    tmp_path: Path,
+    overrides: list[str],
+    message: str,
 ) -> None:
     fmt = _files(tmp_path, tiny_ckpt, no_pad_no_eos_ckpt, granite_ckpt)
     results = tmp_path / "results"
@@ -227,8 +275,11 @@ def test_loaders_pass_the_configured_trust_remote_code_and_stay_local(
     monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained", fake_from_pretrained)
     monkeypatch.setattr(transformers.AutoConfig, "from_pretrained", fake_from_pretrained)
     cfg = ModelConfig(name="local", path=str(tmp_path), trust_remote_code=trust)
-    loads = (lambda: load_tokenizer(tmp_path, cfg), lambda: load_model(tmp_path, cfg, None),
-             lambda: load_model_config(tmp_path, cfg))
+    loads = (
+        lambda: load_tokenizer(tmp_path, cfg),
+        lambda: load_model(tmp_path, cfg, None),
+        lambda: load_model_config(tmp_path, cfg),
+    )
     for load in loads:
         with pytest.raises(ModelError):
             load()

@@ -114,10 +114,15 @@ def _real_tokens_per_step(
 
     tokenizer = AutoTokenizer.from_pretrained(str(TINY_LLAMA_DIR), local_files_only=True)
     values = dict(o.split("=", 1) for o in overrides)
-    examples = d.tokenize_records(records, tokenizer, template=template, max_length=int(values["data.max_length"]),
-                                  mask_prompt=False)
-    loader = d.make_dataloader(d.SanityDataset(examples), d.Collator(tokenizer.pad_token_id),
-                               batch_size=int(values["train.batch_size"]), seed=seed)
+    examples = d.tokenize_records(
+        records, tokenizer, template=template, max_length=int(values["data.max_length"]), mask_prompt=False
+    )
+    loader = d.make_dataloader(
+        d.SanityDataset(examples),
+        d.Collator(tokenizer.pad_token_id),
+        batch_size=int(values["train.batch_size"]),
+        seed=seed,
+    )
     batches = d.infinite_batches(loader)
     return [int(next(batches)["attention_mask"].sum()) for _ in range(int(values["train.max_steps"]))]
 

@@ -12,8 +12,18 @@ from lora_sweep.config import RunConfig
 from lora_sweep.errors import INPUT_ERRORS, ConfigError, InputError, error_line
 
 GROUPS = ("model", "data", "lora", "train")
-REQUIRED_KEYS = ["lora.r", "lora.alpha", "lora.dropout", "lora.target_modules", "lora.use_rslora", "train.lr",
-                 "train.max_steps", "train.batch_size", "train.seed", "data.max_length"]
+REQUIRED_KEYS = [
+    "lora.r",
+    "lora.alpha",
+    "lora.dropout",
+    "lora.target_modules",
+    "lora.use_rslora",
+    "train.lr",
+    "train.max_steps",
+    "train.batch_size",
+    "train.seed",
+    "data.max_length",
+]
 
 
 def _options(group: str) -> list[str]:

@@ -20,11 +20,21 @@ import pytest
 
 from lora_sweep.results import CSV_COLUMNS, read_rows
 from lora_sweep.sweep.study import normalize_storage, progress
-from tests.scale_helpers import (
-    PG_URL, SWEEP_TINY, app_command, delete, load, log_tail, lora_command, real_trials, storage_for,
-    start, unique_study, worker_env,
-)
 from tests.conftest import REPO
+from tests.scale_helpers import (
+    PG_URL,
+    SWEEP_TINY,
+    app_command,
+    delete,
+    load,
+    log_tail,
+    lora_command,
+    real_trials,
+    start,
+    storage_for,
+    unique_study,
+    worker_env,
+)
 
 pytestmark = pytest.mark.slow
 
@@ -47,8 +57,14 @@ def _wait_running(storage: str, name: str, timeout: float = 120) -> int:
 def test_worker_killed_mid_trial_leaves_a_stale_trial_that_the_next_run_requeues(tmp_path: Path, kind: str) -> None:
     storage = storage_for(kind, tmp_path)
     name = unique_study(f"stale_{kind}")
-    args = [f"results_dir={tmp_path}", f"hydra.sweeper.storage={storage}", f"hydra.sweeper.study_name={name}",
-            "hydra.sweeper.n_trials=2", "mode=mapping", "hydra.sweeper.objective={value: minimize}"]
+    args = [
+        f"results_dir={tmp_path}",
+        f"hydra.sweeper.storage={storage}",
+        f"hydra.sweeper.study_name={name}",
+        "hydra.sweeper.n_trials=2",
+        "mode=mapping",
+        "hydra.sweeper.objective={value: minimize}",
+    ]
     try:
         worker = start(app_command(*args, "sleep=60"), tmp_path / "killed.log")
         killed = _wait_running(normalize_storage(storage), name)
@@ -59,7 +75,9 @@ def test_worker_killed_mid_trial_leaves_a_stale_trial_that_the_next_run_requeues
         time.sleep(0.5)  # the job is asleep inside the trial, the sweeper holds no storage lock
         worker.send_signal(signal.SIGKILL)
         assert worker.wait(timeout=30) == -signal.SIGKILL
-        rerun = subprocess.run(app_command(*args), capture_output=True, text=True, cwd=REPO, env=worker_env(), timeout=120)
+        rerun = subprocess.run(
+            app_command(*args), capture_output=True, text=True, cwd=REPO, env=worker_env(), timeout=120
+        )
         assert rerun.returncode == 0, rerun.stderr[-3000:]
         study = load(normalize_storage(storage), name)
         stale = study.trials[killed]
@@ -113,5 +131,5 @@ def test_kill_9_at_five_points_then_rerun_loses_and_duplicates_nothing(tmp_path:
     assert rows["trial_number"].is_unique, rows["trial_number"].tolist()
     assert sorted(rows["trial_number"]) == sorted(t.number for t in finished)
     states = {t.number: t.state.name for t in finished}
-    assert all(states[n] == s for n, s in zip(rows["trial_number"], rows["state"]))
+    assert all(states[n] == s for n, s in zip(rows["trial_number"], rows["state"], strict=False))
     assert rows["run_dir"].map(lambda d: Path(d, "result.json").is_file()).all()

@@ -79,7 +79,9 @@ def test_dashboard_serves_the_sweep(tiny_sweep: Path, tmp_path: Path) -> None:
     log = (tmp_path / "dashboard.log").open("w")
     proc = subprocess.Popen(
         [*_dashboard_command(), str(journal), "--host", "127.0.0.1", "--port", str(port)],
-        cwd=tmp_path, stdout=log, stderr=subprocess.STDOUT,
+        cwd=tmp_path,
+        stdout=log,
+        stderr=subprocess.STDOUT,
     )
     try:
         base = f"http://127.0.0.1:{port}"

@@ -32,15 +32,24 @@ from tests.conftest import REPO
 pytestmark = pytest.mark.slow
 
 MODES = ("regular", "editable", "wheel")
-SWEEP = ["hydra.sweeper.n_trials=2", "hydra.sweeper.n_jobs=1", "results_dir=out", "train.max_steps=6",
-         "train.warmup_steps=1", "train.batch_size=4", "data.max_length=64", "hydra.sweeper.enqueue=null",
-         "hydra.sweeper.report_every=1"]
+SWEEP = [
+    "hydra.sweeper.n_trials=2",
+    "hydra.sweeper.n_jobs=1",
+    "results_dir=out",
+    "train.max_steps=6",
+    "train.warmup_steps=1",
+    "train.batch_size=4",
+    "data.max_length=64",
+    "hydra.sweeper.enqueue=null",
+    "hydra.sweeper.report_every=1",
+]
 APP_DIR = REPO / "tests" / "sweep_apps"
 # Where the installed package says it lives, seen from inside the scratch venv.
 WHERE = """
 import importlib.metadata, json, lora_sweep, lora_sweep.cli, hydra_plugins.lora_sweep_sweeper as plugin
+dist = importlib.metadata.distribution("lora-sweep")
 print(json.dumps({"module": lora_sweep.__file__, "conf": str(lora_sweep.cli.config_dir()),
-                  "plugin": plugin.__file__, "dist": str(importlib.metadata.distribution("lora-sweep").locate_file(""))}))
+                  "plugin": plugin.__file__, "dist": str(dist.locate_file(""))}))
 """
 
 
@@ -57,16 +66,23 @@ class Install:
         # No PYTHONPATH: only what the scratch venv has installed may be importable.
         env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "PYTHONHOME")}
         env.update(OMP_NUM_THREADS="1", PIP_DISABLE_PIP_VERSION_CHECK="1")
-        return subprocess.run([str(self.python), *args], cwd=cwd or self.work, env=env,
-                              capture_output=True, text=True, timeout=timeout)
+        return subprocess.run(
+            [str(self.python), *args], cwd=cwd or self.work, env=env, capture_output=True, text=True, timeout=timeout
+        )
 
 
 def _scratch_venv(root: Path) -> tuple[Path, Path]:
     """A venv without pip whose site-packages reaches this interpreter's installed packages."""
     subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(root)], check=True, capture_output=True)
     python = root / "bin" / "python"
-    site = Path(subprocess.run([str(python), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
-                               check=True, capture_output=True, text=True).stdout.strip())
+    site = Path(
+        subprocess.run(
+            [str(python), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
+            check=True,
+            capture_output=True,
+            text=True,
+        ).stdout.strip()
+    )
     ours = dict.fromkeys(sysconfig.get_paths()[key] for key in ("purelib", "platlib"))
     (site / "_deps.pth").write_text("".join(f"{path}\n" for path in ours))
     return python, site
@@ -140,8 +156,14 @@ def test_foreign_app_picks_the_sweeper(install: Install) -> None:
     assert "  - override hydra/sweeper: lora_sweep\n" in text
     conf.write_text(text.replace("  - override hydra/sweeper: lora_sweep\n", ""))
     results = app / "results"
-    proc = install.run(str(app / "app.py"), "-m", f"results_dir={results}", "hydra/sweeper=lora_sweep",
-                       "hydra.sweeper.n_trials=2", cwd=app)
+    proc = install.run(
+        str(app / "app.py"),
+        "-m",
+        f"results_dir={results}",
+        "hydra/sweeper=lora_sweep",
+        "hydra.sweeper.n_trials=2",
+        cwd=app,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "best trial" in proc.stdout
     study = optuna.load_study(study_name="app", storage=open_storage(str(results / "optuna_journal.log")))

@@ -21,8 +21,15 @@ from tests.conftest import REPO
 
 pytestmark = pytest.mark.slow
 
-SMALL = ["train.warmup_steps=1", "train.batch_size=4", "data.max_length=64", "hydra.sweeper.report_every=1",
-         "hydra.sweeper.enqueue=null", "train.log_every=1000"]
+SMALL = [
+    "train.warmup_steps=1",
+    "train.batch_size=4",
+    "data.max_length=64",
+    "hydra.sweeper.report_every=1",
+    "hydra.sweeper.enqueue=null",
+    "train.log_every=1000",
+    "train.prune_on=objective",
+]
 
 
 def _sweep(results: Path, *args: str) -> list[str]:
@@ -44,8 +51,11 @@ def _wait_until_training(results: Path, proc: subprocess.Popen[str], n_running: 
     while time.monotonic() < deadline:
         assert proc.poll() is None, proc.communicate()
         if (results / study_mod.JOURNAL_NAME).is_file():
-            running = [t for t in _load(results).get_trials(deepcopy=False)
-                       if t.state.name == "RUNNING" and t.intermediate_values]
+            running = [
+                t
+                for t in _load(results).get_trials(deepcopy=False)
+                if t.state.name == "RUNNING" and t.intermediate_values
+            ]
             if len(running) >= n_running:
                 return
         time.sleep(0.3)
@@ -56,10 +66,15 @@ def _wait_until_training(results: Path, proc: subprocess.Popen[str], n_running: 
 def test_ctrl_c_requeues_the_running_trial_without_penalty(tmp_path: Path, n_jobs: int) -> None:
     results = tmp_path / "results"
     # a new session: the whole sweep (worker 0 and its workers) gets the SIGINT, as from a terminal
-    proc = subprocess.Popen(_sweep(results, "hydra.sweeper.n_trials=4", "train.max_steps=3000",
-                                   f"hydra.sweeper.n_jobs={n_jobs}"),
-                            cwd=REPO, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            start_new_session=True)
+    proc = subprocess.Popen(
+        _sweep(results, "hydra.sweeper.n_trials=4", "train.max_steps=3000", f"hydra.sweeper.n_jobs={n_jobs}"),
+        cwd=REPO,
+        env=_env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
     _wait_until_training(results, proc, n_running=n_jobs)
     os.killpg(proc.pid, signal.SIGINT)
     _, err = proc.communicate(timeout=60)
@@ -78,12 +93,21 @@ def test_ctrl_c_requeues_the_running_trial_without_penalty(tmp_path: Path, n_job
     assert not csv.exists() or len(read_rows(csv)) == 0  # nothing half-written
 
     # the next run starts with the interrupted params and finishes the sweep
-    again = subprocess.run(_sweep(results, "hydra.sweeper.n_trials=2", "train.max_steps=4", "hydra.sweeper.n_jobs=1"),
-                           cwd=REPO, env=_env(), capture_output=True, text=True, timeout=300)
+    again = subprocess.run(
+        _sweep(results, "hydra.sweeper.n_trials=2", "train.max_steps=4", "hydra.sweeper.n_jobs=1"),
+        cwd=REPO,
+        env=_env(),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert again.returncode == 0, again.stderr[-3000:]
     study = _load(results)
-    reran = {t.user_attrs[study_mod.ATTR_REQUEUED_FROM]: t for t in study.get_trials(deepcopy=False)
-             if study_mod.ATTR_REQUEUED_FROM in t.user_attrs and t.state.name != "WAITING"}
+    reran = {
+        t.user_attrs[study_mod.ATTR_REQUEUED_FROM]: t
+        for t in study.get_trials(deepcopy=False)
+        if study_mod.ATTR_REQUEUED_FROM in t.user_attrs and t.state.name != "WAITING"
+    }
     for first in interrupted:
         assert reran[first.number].params == first.params
     assert study_mod.progress(study).finished == 2
@@ -94,8 +118,10 @@ def test_second_ctrl_c_exits_at_once() -> None:
     from lora_sweep.sweep.runner import exit_on_next_sigint
 
     assert callable(exit_on_next_sigint)
-    code = "from lora_sweep.sweep.runner import exit_on_next_sigint as e; e(); print('ready', flush=True); " \
-           "import time; time.sleep(60)"
+    code = (
+        "from lora_sweep.sweep.runner import exit_on_next_sigint as e; e(); print('ready', flush=True); "
+        "import time; time.sleep(60)"
+    )
     proc = subprocess.Popen([sys.executable, "-c", code], cwd=REPO, stdout=subprocess.PIPE, text=True)
     assert proc.stdout is not None and proc.stdout.readline().strip() == "ready"
     start = time.monotonic()

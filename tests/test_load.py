@@ -26,9 +26,17 @@ WORKERS, N_TRIALS = 8, 16
 def test_eight_workers_on_one_storage(tmp_path: Path, kind: str) -> None:
     storage = storage_for(kind, tmp_path)
     name = unique_study(f"load_{kind}")
-    cmd = app_command(f"results_dir={tmp_path}", f"hydra.sweeper.storage={storage}", f"hydra.sweeper.study_name={name}",
-                      f"hydra.sweeper.n_jobs={WORKERS}", f"hydra.sweeper.n_trials={N_TRIALS}", "mode=mapping",
-                      "hydra.sweeper.objective={value: minimize}", "hydra/sweeper/pruner=median", "steps=3")
+    cmd = app_command(
+        f"results_dir={tmp_path}",
+        f"hydra.sweeper.storage={storage}",
+        f"hydra.sweeper.study_name={name}",
+        f"hydra.sweeper.n_jobs={WORKERS}",
+        f"hydra.sweeper.n_trials={N_TRIALS}",
+        "mode=mapping",
+        "hydra.sweeper.objective={value: minimize}",
+        "hydra/sweeper/pruner=median",
+        "steps=3",
+    )
     try:
         start = time.monotonic()
         proc = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, env=worker_env(), timeout=300)
@@ -44,9 +52,11 @@ def test_eight_workers_on_one_storage(tmp_path: Path, kind: str) -> None:
         assert all(t.state.name in ("COMPLETE", "PRUNED") for t in trials), {t.state.name for t in trials}
         workers = {t.user_attrs["worker"] for t in trials}
         assert len(workers) >= WORKERS // 2, workers  # the load really was spread over processes
-        print(f"[load] {kind}: {WORKERS} workers, {len(trials)} trials "
-              f"({sum(t.state.name == 'PRUNED' for t in trials)} pruned) from {len(workers)} processes "
-              f"in {wall:.1f} s, 0 errors")
+        print(
+            f"[load] {kind}: {WORKERS} workers, {len(trials)} trials "
+            f"({sum(t.state.name == 'PRUNED' for t in trials)} pruned) from {len(workers)} processes "
+            f"in {wall:.1f} s, 0 errors"
+        )
     finally:
         if kind == "postgresql":
             delete(PG_URL, name)

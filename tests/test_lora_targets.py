@@ -35,8 +35,16 @@ def test_null_targets_take_peft_defaults_and_are_recorded(tiny_model: nn.Module)
 def test_null_targets_without_a_peft_default_name_the_linear_modules() -> None:
     from transformers import GraniteConfig, GraniteForCausalLM
 
-    model = GraniteForCausalLM(GraniteConfig(vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
-                                             num_attention_heads=2, num_key_value_heads=1))
+    model = GraniteForCausalLM(
+        GraniteConfig(
+            vocab_size=64,
+            hidden_size=16,
+            intermediate_size=32,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+            num_key_value_heads=1,
+        )
+    )
     before = _names(model)
     with pytest.raises(LoraTargetError) as info:
         apply_lora(model, LoraSettings(r=4, alpha=8, target_modules=None))
@@ -61,8 +69,9 @@ def test_rank_beyond_a_targeted_layer_is_refused_before_anything_is_injected(tin
     with pytest.raises(LoraTargetError) as info:
         apply_lora(tiny_model, LoraSettings(r=17, alpha=8, target_modules=("q_proj", "v_proj")))
     message = str(info.value)
-    assert message.startswith("lora.r=17 exceeds the smallest dimension of the targeted layer "
-                              "model.layers.0.self_attn.v_proj")
+    assert message.startswith(
+        "lora.r=17 exceeds the smallest dimension of the targeted layer model.layers.0.self_attn.v_proj"
+    )
     assert "(in_features=32, out_features=16); choose lora.r <= 16" in message
     assert _names(tiny_model) == before and torch.equal(torch.get_rng_state(), rng)
     assert all(p.device.type == "cpu" for p in tiny_model.parameters())  # no meta tensor left behind

@@ -51,11 +51,7 @@ def ref_spike_rate(losses, warmup: int) -> float:
 
 
 def ref_volatility(grads, warmup: int) -> float:
-    diffs = [
-        math.log(grads[t - 1]) - math.log(grads[t - 2])
-        for t in range(2, len(grads) + 1)
-        if t > max(warmup, 1)
-    ]
+    diffs = [math.log(grads[t - 1]) - math.log(grads[t - 2]) for t in range(2, len(grads) + 1) if t > max(warmup, 1)]
     return statistics.pstdev(diffs) if len(diffs) >= 2 else 0.0
 
 
@@ -77,17 +73,15 @@ def test_hand_computed_tiny_example() -> None:
     losses = [4.0, 2.0, 3.0, 1.0]
     grads = [1.0, 2.0, 1.0, 4.0]
     m = compute_metrics(losses, grads, warmup_steps=1)
-    l = [math.log(x) for x in losses]
+    logs = [math.log(x) for x in losses]
     # T = 4: final window = ceil(0.4) = 1 step.
     assert m.steps == 4
     assert m.avg_loss == pytest.approx(2.5)
     assert m.initial_loss == 4.0 and m.final_loss == 1.0
     # OLS slope over tau = (0.25, 0.5, 0.75, 1.0).
     tau = [0.25, 0.5, 0.75, 1.0]
-    tbar, lbar = sum(tau) / 4, sum(l) / 4
-    slope = sum((a - tbar) * (b - lbar) for a, b in zip(tau, l)) / sum(
-        (a - tbar) ** 2 for a in tau
-    )
+    tbar, lbar = sum(tau) / 4, sum(logs) / 4
+    slope = sum((a - tbar) * (b - lbar) for a, b in zip(tau, logs, strict=True)) / sum((a - tbar) ** 2 for a in tau)
     assert m.loss_slope == pytest.approx(slope)
     # Grad stats over t > W = 1: (2, 1, 4).
     assert m.grad_mean == pytest.approx(7 / 3)
@@ -95,7 +89,7 @@ def test_hand_computed_tiny_example() -> None:
     # D: running min of l is (ln4, ln2, ln2, ln1); drawup at t=3 is ln(3/2).
     assert m.drawup == pytest.approx(math.log(1.5))
     # S over t = 2, 3, 4: t=3 has l_3 - median(l_1, l_2) = ln3 - (ln4 + ln2)/2 < ln 1.5.
-    excess3 = l[2] - (l[0] + l[1]) / 2
+    excess3 = logs[2] - (logs[0] + logs[1]) / 2
     assert excess3 < SPIKE_RATIO
     assert m.spike_rate == 0.0
     # V_g over t > max(W, 1) = 1: diffs ln2, -ln2, ln4 -> population std.
@@ -253,8 +247,18 @@ def test_nan_loss_gates_and_uses_finite_prefix() -> None:
     assert m.stability_index == 0.0 and m.quality == 0.0 and m.learned is False
     assert m.constraint > 0
     assert m.steps == 50
-    for field in ("avg_loss", "initial_loss", "final_loss", "loss_slope", "grad_mean",
-                  "grad_std", "drawup", "spike_rate", "grad_volatility", "improvement"):
+    for field in (
+        "avg_loss",
+        "initial_loss",
+        "final_loss",
+        "loss_slope",
+        "grad_mean",
+        "grad_std",
+        "drawup",
+        "spike_rate",
+        "grad_volatility",
+        "improvement",
+    ):
         assert getattr(m, field) == getattr(prefix, field), field
 
 
@@ -316,17 +320,14 @@ def test_collapse_gate_spares_a_model_that_starts_above_chance_and_improves() ->
 def test_quality_learned_and_constraint() -> None:
     grads = smooth_grads(100)
     good = compute_metrics(exp_curve(100, 4.0, 2.0), grads, warmup_steps=0)
-    assert good.quality == pytest.approx(
-        math.log(good.initial_loss / good.final_loss) * good.stability_index
-    )
+    assert good.quality == pytest.approx(math.log(good.initial_loss / good.final_loss) * good.stability_index)
     assert good.improvement == pytest.approx(1 - good.final_loss / good.initial_loss)
     assert good.learned and good.constraint == pytest.approx(0.05 - good.improvement)
 
     flat = compute_metrics(exp_curve(100, 4.0, 3.9), grads, warmup_steps=0)
     assert 0 < flat.improvement < 0.05
     assert not flat.learned and flat.constraint > 0
-    assert compute_metrics(exp_curve(100, 4.0, 3.9), grads, warmup_steps=0,
-                           min_improvement=0.01).learned
+    assert compute_metrics(exp_curve(100, 4.0, 3.9), grads, warmup_steps=0, min_improvement=0.01).learned
 
     worse = compute_metrics(exp_curve(100, 2.0, 2.2), grads, warmup_steps=0)
     assert worse.quality == 0.0 and worse.improvement < 0 and not worse.learned

@@ -60,10 +60,15 @@ def _kernel_env(tmp: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     and Jupyter/IPython state in a temp dir."""
     spec = tmp / "jupyter" / "kernels" / "python3"
     spec.mkdir(parents=True)
-    (spec / "kernel.json").write_text(json.dumps({
-        "argv": [sys.executable, "-m", "ipykernel_launcher", "-f", "{connection_file}"],
-        "display_name": "Python 3 (lora_sweep tests)", "language": "python",
-    }))
+    (spec / "kernel.json").write_text(
+        json.dumps(
+            {
+                "argv": [sys.executable, "-m", "ipykernel_launcher", "-f", "{connection_file}"],
+                "display_name": "Python 3 (lora_sweep tests)",
+                "language": "python",
+            }
+        )
+    )
     monkeypatch.setenv("JUPYTER_PATH", str(tmp / "jupyter"))
     monkeypatch.setenv("JUPYTER_RUNTIME_DIR", str(tmp / "runtime"))
     monkeypatch.setenv("IPYTHONDIR", str(tmp / "ipython"))
@@ -72,9 +77,7 @@ def _kernel_env(tmp: Path, monkeypatch: pytest.MonkeyPatch) -> None:
 
 @pytest.mark.slow
 @pytest.mark.parametrize("name", sorted(EXPECTED))
-def test_notebook_runs_headless(
-    name: str, tiny_sweep: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
+def test_notebook_runs_headless(name: str, tiny_sweep: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     nbclient = pytest.importorskip("nbclient")
     _kernel_env(tmp_path, monkeypatch)
     figures = tmp_path / "figures"
@@ -84,7 +87,10 @@ def test_notebook_runs_headless(
     # first cell: prove the kernel is this environment's Python
     nb.cells.insert(0, nbformat.v4.new_code_cell("import sys; print(sys.prefix)"))
     client = nbclient.NotebookClient(
-        nb, kernel_name="python3", timeout=300, allow_errors=False,
+        nb,
+        kernel_name="python3",
+        timeout=300,
+        allow_errors=False,
         resources={"metadata": {"path": str(NOTEBOOKS)}},
     )
     client.execute()  # a cell that raises fails the test (CellExecutionError)

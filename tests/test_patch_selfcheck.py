@@ -72,8 +72,14 @@ def test_patched_forward_refuses_4d_and_float_masks(model_and_batch) -> None:
 def test_self_check_passes_on_a_correct_pipeline(model_and_batch) -> None:
     model, batch = model_and_batch
     report = run_self_check(model, batch, vocab_size=model.get_base_model().config.vocab_size)
-    assert set(report.details) == {"labels_ignore_padding", "only_lora_trainable", "kv_expansion",
-                                   "eager_matches_sdpa", "padding_invariance", "first_backward"}
+    assert set(report.details) == {
+        "labels_ignore_padding",
+        "only_lora_trainable",
+        "kv_expansion",
+        "eager_matches_sdpa",
+        "padding_invariance",
+        "first_backward",
+    }
     assert "n_rep=2" in report.details["kv_expansion"]
     assert all(p.grad is None for p in model.parameters())  # leaves no gradients behind
 
@@ -125,8 +131,12 @@ def test_self_check_catches_trainable_base_weights(model_and_batch) -> None:
 
 def test_self_check_catches_implausible_initial_loss(nan_ckpt: Path, model_and_batch) -> None:
     _, batch = model_and_batch
-    model = apply_lora(load_model(nan_ckpt, ModelConfig(name="local", path=str(nan_ckpt)), CPU), LoraSettings(r=4, alpha=8))
-    with pytest.raises(SelfCheckError, match="self-check '(eager_matches_sdpa|padding_invariance|initial_loss)' failed"):
+    model = apply_lora(
+        load_model(nan_ckpt, ModelConfig(name="local", path=str(nan_ckpt)), CPU), LoraSettings(r=4, alpha=8)
+    )
+    with pytest.raises(
+        SelfCheckError, match="self-check '(eager_matches_sdpa|padding_invariance|initial_loss)' failed"
+    ):
         run_self_check(model, batch, vocab_size=model.get_base_model().config.vocab_size)
 
 

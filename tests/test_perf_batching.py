@@ -35,7 +35,7 @@ def test_batches_are_length_homogeneous() -> None:
     batches = list(sampler)
     spans = sorted((min(lengths[i] for i in b), max(lengths[i] for i in b)) for b in batches)
     # sorted into consecutive length ranges: no batch's range overlaps the next one's
-    assert all(hi <= next_lo for (_, hi), (next_lo, _) in zip(spans, spans[1:]))
+    assert all(hi <= next_lo for (_, hi), (next_lo, _) in zip(spans, spans[1:], strict=False))
 
     def pad_fraction(batches: list[list[int]]) -> float:
         padded = sum(len(b) * max(lengths[i] for i in b) for b in batches)

@@ -39,8 +39,16 @@ def _base_state(cache: TrialCache) -> tuple:
 
 def test_cached_trials_equal_cold_trials(compose_cfg, tiny_ckpt: Path, tmp_path: Path) -> None:
     a = _cfg(compose_cfg, tiny_ckpt, tmp_path, "lora.r=4", "train.lr=3e-3")
-    b = _cfg(compose_cfg, tiny_ckpt, tmp_path, "lora.r=16", "train.lr=1e-2", "train.seed=7", "data.max_length=48",
-             "lora.target_modules=[q_proj,k_proj,v_proj,o_proj]")
+    b = _cfg(
+        compose_cfg,
+        tiny_ckpt,
+        tmp_path,
+        "lora.r=16",
+        "train.lr=1e-2",
+        "train.seed=7",
+        "data.max_length=48",
+        "lora.target_modules=[q_proj,k_proj,v_proj,o_proj]",
+    )
     cache = TrialCache()
     cold = run_trial(a, tmp_path / "a_cold", cache=cache)
     state = _base_state(cache)
@@ -82,8 +90,13 @@ def test_cached_trial_equals_a_fresh_process(compose_cfg, tiny_ckpt: Path, tmp_p
         "r = run_trial(RunConfig.from_mapping(OmegaConf.to_container(cfg, resolve=True)), sys.argv[1])\n"
         "print(json.dumps(r.metrics))\n"
     )
-    out = subprocess.run([sys.executable, "-c", script, str(tmp_path / "fresh"), *overrides], cwd=REPO,
-                         capture_output=True, text=True, check=True).stdout
+    out = subprocess.run(
+        [sys.executable, "-c", script, str(tmp_path / "fresh"), *overrides],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
     assert json.loads(out.strip().splitlines()[-1]) == json.loads(json.dumps(warm.metrics))
     assert _losses(tmp_path / "fresh") == _losses(tmp_path / "warm")
 
@@ -119,6 +132,7 @@ def test_warm_up_loads_the_base_model_once_and_changes_no_result(compose_cfg, ti
     cfg = _cfg(compose_cfg, tiny_ckpt, tmp_path)
     cold = run_trial(cfg, tmp_path / "cold")
     cache = TrialCache()
+    gc.unfreeze()  # what an earlier test's warm-up froze
     frozen_before = gc.get_freeze_count()
     try:
         warm_up(cfg, cache)

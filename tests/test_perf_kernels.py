@@ -197,8 +197,9 @@ def test_causal_mask_is_skipped_only_for_right_padded_training_batches() -> None
 
     def mask(attention_mask: torch.Tensor, **extra) -> torch.Tensor | None:
         n = attention_mask.shape[1]
-        return causal_sdpa_mask(batch_size=attention_mask.shape[0], q_length=n, kv_length=n,
-                                attention_mask=attention_mask, **extra)
+        return causal_sdpa_mask(
+            batch_size=attention_mask.shape[0], q_length=n, kv_length=n, attention_mask=attention_mask, **extra
+        )
 
     assert mask(right) is None  # SDPA's is_causal covers it
     for other in (mask(left), mask(hole), mask(right, local_size=4), mask(right, allow_is_causal_skip=False)):

@@ -35,12 +35,16 @@ SPEC_COLUMNS = (
     "timestamp_utc, run_id, study_name, trial_number, state, status, reason, model, data, "
     "model.name, model.path, model.attn_implementation, model.dtype, model.trust_remote_code, model.self_check, "
     "data.name, data.path, data.template, data.max_length, data.mask_prompt, data.padding, data.group_by_length, "
+    "data.val_size, data.val_path, data.val_seed, data.eval_max_length, "
     "lora.r, lora.alpha, lora.dropout, lora.target_modules, lora.use_rslora, "
     "train.lr, train.max_steps, train.batch_size, train.seed, train.warmup_steps, train.lr_scheduler, "
-    "train.weight_decay, train.max_grad_norm, train.min_improvement, train.device, train.log_every, "
+    "train.weight_decay, train.max_grad_norm, train.min_improvement, train.eval_every, train.prune_on, "
+    "train.device, train.log_every, "
     "train.precision, steps_completed, avg_loss, "
     "initial_loss, final_loss, loss_slope, grad_mean, grad_std, drawup, spike_rate, "
-    "grad_volatility, stability_index, quality, improvement, learned, divergence_step, "
+    "grad_volatility, stability_index, quality, improvement, "
+    "eval_loss, eval_loss_base, eval_improvement, best_eval_loss, best_eval_step, generalization_gap, eval_seconds, "
+    "learned, divergence_step, "
     "duration_s, tokens_per_s, real_tokens, peak_mem_mb, trainable_params, adapted_modules, precision, "
     "device, run_dir"
 ).split(", ")
@@ -73,9 +77,18 @@ def test_every_config_field_is_a_documented_typed_column() -> None:
         for item in fields(schema):
             key = f"{section}.{item.name}"
             assert key in CSV_COLUMNS and COLUMN_DOCS[key] == item.metadata["doc"], key
-    types = {"data.mask_prompt": "boolean", "data.max_length": "Int64", "model.dtype": "str",
-             "model.path": "str", "lora.alpha": "float64", "lora.target_modules": "str",
-             "train.precision": "str", "trial_number": "Int64", "learned": "boolean", "avg_loss": "float64"}
+    types = {
+        "data.mask_prompt": "boolean",
+        "data.max_length": "Int64",
+        "model.dtype": "str",
+        "model.path": "str",
+        "lora.alpha": "float64",
+        "lora.target_modules": "str",
+        "train.precision": "str",
+        "trial_number": "Int64",
+        "learned": "boolean",
+        "avg_loss": "float64",
+    }
     assert {key: COLUMN_DTYPES[key] for key in types} == types
 
 
@@ -153,7 +166,7 @@ def test_format_cell() -> None:
 def test_list_is_one_quoted_cell(csv_path: Path) -> None:
     append_row(csv_path, {"run_id": "a", "lora.target_modules": ["q_proj", "v_proj"]})
     assert '"q_proj,v_proj"' in csv_path.read_text()
-    row = dict(zip(CSV_COLUMNS, records(csv_path)[1]))
+    row = dict(zip(CSV_COLUMNS, records(csv_path)[1], strict=False))
     assert row["lora.target_modules"] == "q_proj,v_proj"
     assert read_rows(csv_path)["lora.target_modules"].iloc[0] == "q_proj,v_proj"
 
@@ -165,15 +178,23 @@ def test_float_round_trip_through_pandas(csv_path: Path) -> None:
     text = csv_path.read_text()
     assert ",0.003," in text and ",1e-05," in text and ",nan," in text
     frame = read_rows(csv_path)
-    for got, want in zip(frame["train.lr"], values):
+    for got, want in zip(frame["train.lr"], values, strict=False):
         assert (math.isnan(got) and math.isnan(want)) or got == want
 
 
 def test_read_rows_dtypes_and_empty_cells(csv_path: Path) -> None:
-    append_row(csv_path, {
-        "run_id": "a", "trial_number": 3, "learned": True, "lora.use_rslora": False,
-        "avg_loss": 1.5, "divergence_step": None, "reason": "",
-    })
+    append_row(
+        csv_path,
+        {
+            "run_id": "a",
+            "trial_number": 3,
+            "learned": True,
+            "lora.use_rslora": False,
+            "avg_loss": 1.5,
+            "divergence_step": None,
+            "reason": "",
+        },
+    )
     frame = read_rows(csv_path)
     row = frame.iloc[0]
     assert row["trial_number"] == 3 and str(frame["trial_number"].dtype) == "Int64"
@@ -187,7 +208,7 @@ def test_missing_keys_are_empty_and_newlines_flattened(csv_path: Path) -> None:
     append_row(csv_path, {"run_id": "a", "reason": "line one\nline two"})
     lines = csv_path.read_text().splitlines()
     assert len(lines) == 2
-    row = dict(zip(CSV_COLUMNS, records(csv_path)[1]))
+    row = dict(zip(CSV_COLUMNS, records(csv_path)[1], strict=False))
     assert row["reason"] == "line one line two"
     assert all(value == "" for key, value in row.items() if key not in ("run_id", "reason"))
 
@@ -216,17 +237,20 @@ def _append_many(csv_path: str, worker: int) -> None:
     for i in range(APPENDS):
         payload = "".join(rng.choices(alphabet, k=PAD))
         digest = hashlib.sha256(payload.encode()).hexdigest()
-        append_row(Path(csv_path), {
-            "run_id": f"w{worker}-{i}", "reason": f"{digest}:{payload}",
-            "trial_number": i, "train.lr": 1e-4 * (worker + 1),
-        })
+        append_row(
+            Path(csv_path),
+            {
+                "run_id": f"w{worker}-{i}",
+                "reason": f"{digest}:{payload}",
+                "trial_number": i,
+                "train.lr": 1e-4 * (worker + 1),
+            },
+        )
 
 
 def test_concurrent_appends_are_intact(csv_path: Path) -> None:
     context = multiprocessing.get_context("spawn")
-    procs = [
-        context.Process(target=_append_many, args=(str(csv_path), w)) for w in range(WORKERS)
-    ]
+    procs = [context.Process(target=_append_many, args=(str(csv_path), w)) for w in range(WORKERS)]
     for proc in procs:
         proc.start()
     for proc in procs:
@@ -238,7 +262,7 @@ def test_concurrent_appends_are_intact(csv_path: Path) -> None:
     assert len(body) == WORKERS * APPENDS
     for row in body:
         assert len(row) == len(CSV_COLUMNS)
-        digest, payload = dict(zip(CSV_COLUMNS, row))["reason"].split(":", 1)
+        digest, payload = dict(zip(CSV_COLUMNS, row, strict=False))["reason"].split(":", 1)
         assert len(payload) == PAD
         assert hashlib.sha256(payload.encode()).hexdigest() == digest
     ids = {row[1] for row in body}
@@ -280,10 +304,16 @@ def test_write_text(tmp_path: Path) -> None:
 def test_write_step_log(tmp_path: Path) -> None:
     path = tmp_path / "steps.csv"
     rows = [
-        {"step": 1, "loss": 2.5, "grad_norm": 0.1, "lr": 3e-4, "tokens": 512,
-         "real_tokens": 400, "elapsed_s": 0.25},
-        {"step": 2, "loss": 2.25, "grad_norm": float("nan"), "lr": 1e-05, "tokens": 1024,
-         "real_tokens": 800, "elapsed_s": 0.5},
+        {"step": 1, "loss": 2.5, "grad_norm": 0.1, "lr": 3e-4, "tokens": 512, "real_tokens": 400, "elapsed_s": 0.25},
+        {
+            "step": 2,
+            "loss": 2.25,
+            "grad_norm": float("nan"),
+            "lr": 1e-05,
+            "tokens": 1024,
+            "real_tokens": 800,
+            "elapsed_s": 0.5,
+        },
     ]
     write_step_log(path, rows)
     got = records(path)
@@ -298,9 +328,7 @@ def test_write_step_log_key_order_and_empty(tmp_path: Path) -> None:
     write_step_log(path, [{"loss": 1.0, "step": 1}, {"step": 2, "loss": 0.5, "extra": 7}])
     assert records(path) == [["loss", "step", "extra"], ["1.0", "1", ""], ["0.5", "2", "7"]]
     write_step_log(path, [])
-    assert records(path) == [
-        ["step", "loss", "grad_norm", "lr", "tokens", "real_tokens", "elapsed_s"]
-    ]
+    assert records(path) == [["step", "loss", "grad_norm", "lr", "tokens", "real_tokens", "elapsed_s"]]
 
 
 def test_write_rows_matches_append_row_and_stays_appendable(tmp_path: Path) -> None:

@@ -18,9 +18,19 @@ from tests.scale_helpers import SWEEP_TINY, load, lora_command, real_trials, wor
 def test_submitit_local_runs_each_trial_as_its_own_process_reporting_to_the_study(tmp_path: Path) -> None:
     results = tmp_path / "results"
     proc = subprocess.run(
-        lora_command(f"results_dir={results}", "hydra/launcher=submitit_local", "hydra.sweeper.n_jobs=2",
-                     "hydra.sweeper.n_trials=2", *SWEEP_TINY, "train.lr=0.003"),
-        capture_output=True, text=True, cwd=REPO, env=worker_env(), timeout=300,
+        lora_command(
+            f"results_dir={results}",
+            "hydra/launcher=submitit_local",
+            "hydra.sweeper.n_jobs=2",
+            "hydra.sweeper.n_trials=2",
+            *SWEEP_TINY,
+            "train.lr=0.003",
+        ),
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        env=worker_env(),
+        timeout=300,
     )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "Submitit 'local' sweep output dir" in proc.stdout + proc.stderr
@@ -37,9 +47,20 @@ def test_submitit_local_runs_each_trial_as_its_own_process_reporting_to_the_stud
 
 def test_slurm_example_config_composes() -> None:
     proc = subprocess.run(
-        [*lora_command()[:3], "hydra/launcher=lora_slurm", "hydra.launcher.partition=gpu", "--cfg", "hydra",
-         "-p", "hydra.launcher"],
-        capture_output=True, text=True, cwd=REPO, env=worker_env(), timeout=120,
+        [
+            *lora_command()[:3],
+            "hydra/launcher=lora_slurm",
+            "hydra.launcher.partition=gpu",
+            "--cfg",
+            "hydra",
+            "-p",
+            "hydra.launcher",
+        ],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        env=worker_env(),
+        timeout=120,
     )
     assert proc.returncode == 0, proc.stderr
     assert "hydra_submitit_launcher.submitit_launcher.SlurmLauncher" in proc.stdout

@@ -15,7 +15,16 @@ import pytest
 from lora_sweep.results import read_rows
 from tests.conftest import REPO
 from tests.scale_helpers import (
-    PG_URL, SWEEP_TINY, delete, load, log_tail, lora_command, real_trials, require_postgres, run_workers, unique_study,
+    PG_URL,
+    SWEEP_TINY,
+    delete,
+    load,
+    log_tail,
+    lora_command,
+    real_trials,
+    require_postgres,
+    run_workers,
+    unique_study,
 )
 
 pytestmark = pytest.mark.slow
@@ -28,13 +37,19 @@ def test_four_workers_share_one_postgres_study(tmp_path: Path) -> None:
     # two "machines", each with its own results_dir (and so its own CSV), two workers each
     machines = [tmp_path / "machine_a", tmp_path / "machine_b"]
     cmds = [
-        lora_command(f"results_dir={machines[i // 2]}", f"hydra.sweeper.storage={PG_URL}",
-                     f"hydra.sweeper.study_name={name}", f"hydra.sweeper.n_trials={N_TRIALS}",
-                     # connection-pool settings pass through to SQLAlchemy
-                     "hydra.sweeper.engine_kwargs={pool_size: 1, max_overflow: 1, pool_pre_ping: true}",
-                     # deterministic pruning: stability_index <= 1 < lower, judged from step 6 on
-                     "hydra/sweeper/pruner=threshold", "hydra.sweeper.pruner.lower=2.0",
-                     "hydra.sweeper.pruner.n_warmup_steps=6", *SWEEP_TINY)
+        lora_command(
+            f"results_dir={machines[i // 2]}",
+            f"hydra.sweeper.storage={PG_URL}",
+            f"hydra.sweeper.study_name={name}",
+            f"hydra.sweeper.n_trials={N_TRIALS}",
+            # connection-pool settings pass through to SQLAlchemy
+            "hydra.sweeper.engine_kwargs={pool_size: 1, max_overflow: 1, pool_pre_ping: true}",
+            # deterministic pruning: stability_index <= 1 < lower, judged from step 6 on
+            "hydra/sweeper/pruner=threshold",
+            "hydra.sweeper.pruner.lower=2.0",
+            "hydra.sweeper.pruner.n_warmup_steps=6",
+            *SWEEP_TINY,
+        )
         for i in range(WORKERS)
     ]
     try:
@@ -58,9 +73,24 @@ def test_four_workers_share_one_postgres_study(tmp_path: Path) -> None:
         assert all(set(frame["state"]) == {"PRUNED"} and set(frame["study_name"]) == {name} for frame in rows)
         # ... and the export command rebuilds one CSV of the whole study from PostgreSQL
         out = tmp_path / "export.csv"
-        proc = subprocess.run([sys.executable, "-m", "lora_sweep", "export", "--storage", PG_URL,
-                               "--study-name", name, "--out", str(out)],
-                              capture_output=True, text=True, cwd=REPO, timeout=120)
+        proc = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "lora_sweep",
+                "export",
+                "--storage",
+                PG_URL,
+                "--study-name",
+                name,
+                "--out",
+                str(out),
+            ],
+            capture_output=True,
+            text=True,
+            cwd=REPO,
+            timeout=120,
+        )
         assert proc.returncode == 0, proc.stderr
         exported = read_rows(out)
         assert sorted(exported["trial_number"]) == sorted(numbers) and exported["trial_number"].is_unique

@@ -23,12 +23,21 @@ def loader() -> Iterator:
 
 
 def _job(r: int, lr: float, length: int, trial: str, *extra: str) -> list[str]:
-    return ["results_dir=/tmp/x", f"lora.r={r}", f"train.lr={lr}", f"data.max_length={length}",
-            f"lora.alpha={2 * r}", f"++hydra.job.env_set.LORA_SWEEP_TRIAL={trial}", *extra]
+    return [
+        "results_dir=/tmp/x",
+        f"lora.r={r}",
+        f"train.lr={lr}",
+        f"data.max_length={length}",
+        f"lora.alpha={2 * r}",
+        f"++hydra.job.env_set.LORA_SWEEP_TRIAL={trial}",
+        *extra,
+    ]
 
 
 def test_cached_job_configs_equal_hydra_composition(loader) -> None:
-    master = loader.load_configuration(config_name="config", overrides=["hydra.verbose=false"], run_mode=RunMode.MULTIRUN)
+    master = loader.load_configuration(
+        config_name="config", overrides=["hydra.verbose=false"], run_mode=RunMode.MULTIRUN
+    )
     cached = CachingConfigLoader(loader)
     jobs = [
         _job(8, 1e-2, 256, "a"),
@@ -48,7 +57,6 @@ def test_cached_job_configs_equal_hydra_composition(loader) -> None:
     assert cached.hits == 3  # jobs 2, 4 and 6
 
 
-
 def test_sweep_primes_the_cache_so_every_trial_is_a_hit(loader, tmp_path, capfd) -> None:
     """The sweeper composes one job config of the trials' shape before its first trial (worker
     start-up), so no trial pays a full composition; the configs still equal Hydra's own."""
@@ -58,7 +66,8 @@ def test_sweep_primes_the_cache_so_every_trial_is_a_hit(loader, tmp_path, capfd)
     from lora_sweep.sweep.runner import SweepRunner
 
     master = loader.load_configuration(
-        config_name="config", run_mode=RunMode.MULTIRUN,
+        config_name="config",
+        run_mode=RunMode.MULTIRUN,
         overrides=[f"results_dir={tmp_path}", "hydra.sweeper.n_trials=3", "hydra.sweeper.n_jobs=1"],
     )
     composed: list[list[str]] = []

@@ -22,7 +22,11 @@ def sweep(tmp: Path, *args: str, timeout: int = 120) -> subprocess.CompletedProc
     env = dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1")
     return subprocess.run(
         [sys.executable, str(APP), "-m", f"results_dir={tmp}", *args],
-        capture_output=True, text=True, timeout=timeout, env=env, cwd=tmp,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env=env,
+        cwd=tmp,
     )
 
 
@@ -36,13 +40,31 @@ def states(study: optuna.Study) -> list[str]:
 
 def test_plugin_discovered_and_composes(tmp_path: Path) -> None:
     env = dict(os.environ, PYTHONPATH=str(REPO))
-    info = subprocess.run([sys.executable, str(APP), "--info", "plugins", "results_dir=x"],
-                          capture_output=True, text=True, env=env, timeout=60)
+    info = subprocess.run(
+        [sys.executable, str(APP), "--info", "plugins", "results_dir=x"],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=60,
+    )
     assert "LoraSweepSweeper" in info.stdout
     cfg = subprocess.run(
-        [sys.executable, str(APP), "results_dir=x", "hydra/sweeper=lora_sweep",
-         "hydra/sweeper/sampler=random", "hydra/sweeper/pruner=hyperband", "--cfg", "hydra", "-p", "hydra.sweeper"],
-        capture_output=True, text=True, env=env, timeout=60,
+        [
+            sys.executable,
+            str(APP),
+            "results_dir=x",
+            "hydra/sweeper=lora_sweep",
+            "hydra/sweeper/sampler=random",
+            "hydra/sweeper/pruner=hyperband",
+            "--cfg",
+            "hydra",
+            "-p",
+            "hydra.sweeper",
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=60,
     )
     assert cfg.returncode == 0, cfg.stderr
     assert "LoraSweepSweeper" in cfg.stdout and "RandomSampler" in cfg.stdout and "HyperbandPruner" in cfg.stdout
@@ -73,8 +95,14 @@ def test_resume_total_target_and_job_dirs(tmp_path: Path) -> None:
 
 
 def test_pruning_with_deterministic_pruner(tmp_path: Path) -> None:
-    res = sweep(tmp_path, "mode=mapping", "hydra.sweeper.objective={value: minimize}", "hydra.sweeper.n_trials=6",
-                "hydra/sweeper/pruner=threshold", "hydra.sweeper.pruner.upper=20")
+    res = sweep(
+        tmp_path,
+        "mode=mapping",
+        "hydra.sweeper.objective={value: minimize}",
+        "hydra.sweeper.n_trials=6",
+        "hydra/sweeper/pruner=threshold",
+        "hydra.sweeper.pruner.upper=20",
+    )
     assert res.returncode == 0, res.stderr
     study = load(tmp_path)
     pruned = [t for t in study.trials if t.state.name == "PRUNED"]
@@ -87,8 +115,13 @@ def test_pruning_with_deterministic_pruner(tmp_path: Path) -> None:
 
 
 def test_exception_and_nan_trials_fail_and_sweep_completes(tmp_path: Path) -> None:
-    res = sweep(tmp_path, "hydra.sweeper.n_trials=10", "inject.exception_above=-1.0", "inject.nan_below=-3.0",
-                "hydra.sweeper.max_failure_rate=1.0")
+    res = sweep(
+        tmp_path,
+        "hydra.sweeper.n_trials=10",
+        "inject.exception_above=-1.0",
+        "inject.nan_below=-3.0",
+        "hydra.sweeper.max_failure_rate=1.0",
+    )
     assert res.returncode == 0, res.stderr
     study = load(tmp_path)
     assert len(states(study)) == 10
@@ -100,8 +133,13 @@ def test_exception_and_nan_trials_fail_and_sweep_completes(tmp_path: Path) -> No
 
 
 def test_max_failure_rate_aborts(tmp_path: Path) -> None:
-    res = sweep(tmp_path, "hydra.sweeper.n_trials=10", "inject.exception_above=-10",
-                "hydra.sweeper.failure_min_trials=3", "hydra.sweeper.max_failure_rate=0.5")
+    res = sweep(
+        tmp_path,
+        "hydra.sweeper.n_trials=10",
+        "inject.exception_above=-10",
+        "hydra.sweeper.failure_min_trials=3",
+        "hydra.sweeper.max_failure_rate=0.5",
+    )
     assert res.returncode != 0
     assert "Aborting the sweep: 3 of 3 finished trials failed" in res.stderr
     assert states(load(tmp_path)) == ["FAIL"] * 3
@@ -113,16 +151,18 @@ def test_bad_search_space_one_line_and_study_untouched(tmp_path: Path) -> None:
     res = sweep(tmp_path, "hydra.sweeper.n_trials=4", "x=interval(5.0,1.0)")
     assert res.returncode != 0
     errors = [line for line in res.stderr.splitlines() if line.strip()]
-    assert errors == ["lora_sweep: error: Bad search-space override 'x=interval(5.0,1.0)': "
-                      "interval needs low < high, got (5.0, 1.0)"]
+    assert errors == [
+        "lora_sweep: error: Bad search-space override 'x=interval(5.0,1.0)': interval needs low < high, got (5.0, 1.0)"
+    ]
     assert (tmp_path / "optuna_journal.log").read_bytes() == journal
 
 
 def test_stale_running_trial_requeued(tmp_path: Path) -> None:
     assert sweep(tmp_path, "hydra.sweeper.n_trials=2").returncode == 0
     study = load(tmp_path)
-    trial = study.ask({"x": optuna.distributions.FloatDistribution(-5, 5),
-                       "y": optuna.distributions.FloatDistribution(-5, 5)})
+    trial = study.ask(
+        {"x": optuna.distributions.FloatDistribution(-5, 5), "y": optuna.distributions.FloatDistribution(-5, 5)}
+    )
     import socket
 
     trial.set_user_attr("worker", f"{socket.gethostname()}:999999999")  # a dead sweep process
@@ -138,8 +178,13 @@ def test_stale_running_trial_requeued(tmp_path: Path) -> None:
 
 
 def test_custom_search_space_and_enqueue(tmp_path: Path) -> None:
-    res = sweep(tmp_path, "hydra.sweeper.n_trials=3", "hydra.sweeper.params.y=0.0",
-                "hydra.sweeper.custom_search_space=hooks.y_from_x", "hydra.sweeper.enqueue=[{x: 2.0, m: 0.5}]")
+    res = sweep(
+        tmp_path,
+        "hydra.sweeper.n_trials=3",
+        "hydra.sweeper.params.y=0.0",
+        "hydra.sweeper.custom_search_space=hooks.y_from_x",
+        "hydra.sweeper.enqueue=[{x: 2.0, m: 0.5}]",
+    )
     assert res.returncode == 0, res.stderr
     study = load(tmp_path)
     first = study.trials[0]
@@ -163,7 +208,13 @@ def test_two_worker_processes_share_one_study(tmp_path: Path) -> None:
 
 def test_joblib_launcher(tmp_path: Path) -> None:
     pytest.importorskip("hydra_plugins.hydra_joblib_launcher")
-    res = sweep(tmp_path, "hydra/launcher=joblib", "hydra.sweeper.n_jobs=2", "hydra.sweeper.n_trials=4",
-                "mode=mapping", "hydra.sweeper.objective={value: minimize}")
+    res = sweep(
+        tmp_path,
+        "hydra/launcher=joblib",
+        "hydra.sweeper.n_jobs=2",
+        "hydra.sweeper.n_trials=4",
+        "mode=mapping",
+        "hydra.sweeper.objective={value: minimize}",
+    )
     assert res.returncode == 0, res.stderr
     assert len(states(load(tmp_path))) == 4

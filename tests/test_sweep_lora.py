@@ -49,15 +49,28 @@ def test_sweep_resume_rows_dashboard_attrs_and_replay(tmp_path: Path) -> None:
     assert sorted(rows["trial_number"].tolist()) == numbers  # one row per trial, none twice
     assert set(rows["study_name"]) == {"lora_sweep"} and set(rows["state"]) <= {"COMPLETE", "PRUNED", "FAIL"}
     by_number = {t.number: t.state.name for t in real_trials(study)}
-    assert all(by_number[n] == s for n, s in zip(rows["trial_number"], rows["state"]))
+    assert all(by_number[n] == s for n, s in zip(rows["trial_number"], rows["state"], strict=False))
     assert sorted(int(p.name) for p in (tmp_path / "sweeps" / "lora_sweep").iterdir() if p.name.isdigit()) == numbers
     # what the dashboard shows: metric name, per-trial metrics, per-step intermediate values
     assert study.metric_names == ["stability_index"]
     done = [t for t in real_trials(study) if t.state.name == "COMPLETE"]
     assert done, [t.user_attrs.get("reason") for t in real_trials(study)]
     trial = done[0]
-    for key in ("avg_loss", "loss_slope", "grad_mean", "grad_std", "final_loss", "quality", "drawup",
-                "spike_rate", "grad_volatility", "tokens_per_s", "peak_mem_mb", "run_dir", "train.seed"):
+    for key in (
+        "avg_loss",
+        "loss_slope",
+        "grad_mean",
+        "grad_std",
+        "final_loss",
+        "quality",
+        "drawup",
+        "spike_rate",
+        "grad_volatility",
+        "tokens_per_s",
+        "peak_mem_mb",
+        "run_dir",
+        "train.seed",
+    ):
         assert key in trial.user_attrs, key
     assert sorted(trial.intermediate_values) == list(range(1, 9))
     assert "sweep.search_space" in study.user_attrs and "sweep.base_config" in study.user_attrs
@@ -78,8 +91,15 @@ def test_sweep_resume_rows_dashboard_attrs_and_replay(tmp_path: Path) -> None:
 
 def test_pruned_trials_end_pruned_in_study_and_csv(tmp_path: Path) -> None:
     # a deterministic pruner: stability_index is at most 1, so lower=2 prunes every trial at step 2
-    proc = run_cli("-m", f"results_dir={tmp_path}", "hydra.sweeper.n_trials=2", "hydra/sweeper/pruner=threshold",
-                   "hydra.sweeper.pruner.lower=2.0", "hydra.sweeper.pruner.n_warmup_steps=2", *SWEEP_TINY)
+    proc = run_cli(
+        "-m",
+        f"results_dir={tmp_path}",
+        "hydra.sweeper.n_trials=2",
+        "hydra/sweeper/pruner=threshold",
+        "hydra.sweeper.pruner.lower=2.0",
+        "hydra.sweeper.pruner.n_warmup_steps=2",
+        *SWEEP_TINY,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert [t.state.name for t in real_trials(load_study(tmp_path))] == ["PRUNED", "PRUNED"]
     rows = read_rows(tmp_path / "lora_tuning_results.csv")
@@ -88,10 +108,20 @@ def test_pruned_trials_end_pruned_in_study_and_csv(tmp_path: Path) -> None:
 
 
 def test_diverging_trials_fail_with_reason_and_the_sweep_goes_on(tmp_path: Path) -> None:
-    proc = run_cli("-m", f"results_dir={tmp_path}", "hydra.sweeper.n_trials=3", "hydra.sweeper.max_failure_rate=1.0",
-                   "hydra/sweeper/pruner=none", "train.lr=choice(3e-3, 10.0)",  # 10: the largest lr allowed
-                   "train.max_grad_norm=1e9", "train.lr_scheduler=constant", *SWEEP_TINY,
-                   "lora.r=8", "lora.alpha=16", "hydra.sweeper.custom_search_space=null")  # only lr varies
+    proc = run_cli(
+        "-m",
+        f"results_dir={tmp_path}",
+        "hydra.sweeper.n_trials=3",
+        "hydra.sweeper.max_failure_rate=1.0",
+        "hydra/sweeper/pruner=none",
+        "train.lr=choice(3e-3, 10.0)",  # 10: the largest lr allowed
+        "train.max_grad_norm=1e9",
+        "train.lr_scheduler=constant",
+        *SWEEP_TINY,
+        "lora.r=8",
+        "lora.alpha=16",
+        "hydra.sweeper.custom_search_space=null",
+    )  # only lr varies
     assert proc.returncode == 0, proc.stderr[-3000:]
     trials = real_trials(load_study(tmp_path))
     assert len(trials) == 3
@@ -103,9 +133,19 @@ def test_diverging_trials_fail_with_reason_and_the_sweep_goes_on(tmp_path: Path)
 
 
 def test_kill_9_mid_sweep_then_rerun_reaches_target_without_duplicates(tmp_path: Path) -> None:
-    args = [sys.executable, "-m", "lora_sweep", "-m", f"results_dir={tmp_path}", "hydra.sweeper.n_trials=4",
-            *SWEEP_TINY, "train.max_steps=30"]
-    proc = subprocess.Popen(args, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    args = [
+        sys.executable,
+        "-m",
+        "lora_sweep",
+        "-m",
+        f"results_dir={tmp_path}",
+        "hydra.sweeper.n_trials=4",
+        *SWEEP_TINY,
+        "train.max_steps=30",
+    ]
+    proc = subprocess.Popen(
+        args, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True
+    )
     csv_path = tmp_path / "lora_tuning_results.csv"
     second_trial = tmp_path / "sweeps" / "lora_sweep" / "1" / ".hydra"
     deadline = time.monotonic() + 180
@@ -127,26 +167,39 @@ def test_kill_9_mid_sweep_then_rerun_reaches_target_without_duplicates(tmp_path:
 def test_export_rebuilds_the_csv_from_the_study(tmp_path: Path) -> None:
     assert run_cli("-m", f"results_dir={tmp_path}", "hydra.sweeper.n_trials=2", *SWEEP_TINY).returncode == 0
     out = tmp_path / "exported.csv"
-    proc = subprocess.run([sys.executable, "-m", "lora_sweep", "export", "--results-dir", str(tmp_path), "--out", str(out)],
-                          capture_output=True, text=True, cwd=REPO)
+    proc = subprocess.run(
+        [sys.executable, "-m", "lora_sweep", "export", "--results-dir", str(tmp_path), "--out", str(out)],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+    )
     assert proc.returncode == 0, proc.stderr
     exported, written = read_rows(out), read_rows(tmp_path / "lora_tuning_results.csv")
     assert sorted(exported["trial_number"]) == sorted(written["trial_number"])
     merged = exported.merge(written, on="trial_number", suffixes=("_x", "_y"))
     for col in ("stability_index", "final_loss", "lora.r", "train.lr", "state", "status"):
         assert (merged[f"{col}_x"] == merged[f"{col}_y"]).all(), col
-    missing = subprocess.run([sys.executable, "-m", "lora_sweep", "export", "--results-dir", str(tmp_path / "nope")],
-                             capture_output=True, text=True, cwd=REPO)
+    missing = subprocess.run(
+        [sys.executable, "-m", "lora_sweep", "export", "--results-dir", str(tmp_path / "nope")],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+    )
     assert missing.returncode == 2 and "no study storage" in missing.stderr
-
 
 
 def test_default_n_jobs_auto_runs_one_worker_per_core(tmp_path: Path) -> None:
     """`n_jobs: auto` (the default sweep's) on this CPU-only machine: one 1-thread worker
     process per core, all on one study, each trial once."""
     cores = len(os.sched_getaffinity(0))
-    res = run_cli("-m", f"results_dir={tmp_path}", "hydra.sweeper.n_jobs=auto", "hydra.sweeper.n_trials=4",
-                  *SWEEP_TINY, "hydra.sweeper.report_every=3")
+    res = run_cli(
+        "-m",
+        f"results_dir={tmp_path}",
+        "hydra.sweeper.n_jobs=auto",
+        "hydra.sweeper.n_trials=4",
+        *SWEEP_TINY,
+        "hydra.sweeper.report_every=3",
+    )
     assert res.returncode == 0, res.stderr[-3000:]
     assert (f"Starting worker {cores - 1}" in res.stderr + res.stdout) == (cores > 1)
     study = load_study(tmp_path)

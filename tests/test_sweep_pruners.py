@@ -16,8 +16,11 @@ def _study(direction: str, curves: list[dict[int, float]]) -> optuna.Study:
     study = optuna.create_study(direction=direction)
     for curve in curves:
         final = curve[max(curve)]
-        study.add_trial(create_trial(value=final, params={"x": 0.5}, distributions={"x": FloatDistribution(0, 1)},
-                                     intermediate_values=curve))
+        study.add_trial(
+            create_trial(
+                value=final, params={"x": 0.5}, distributions={"x": FloatDistribution(0, 1)}, intermediate_values=curve
+            )
+        )
     return study
 
 
@@ -42,10 +45,14 @@ def test_prunes_a_falling_curve_that_median_pruner_keeps() -> None:
 
 def test_keeps_a_curve_above_the_median_and_respects_warmup_and_startup() -> None:
     study = _study("maximize", GOOD)
-    assert not StepPercentilePruner(n_startup_trials=3, n_warmup_steps=5).prune(study, _running(study, {1: 1.0, 10: 0.69}))
+    assert not StepPercentilePruner(n_startup_trials=3, n_warmup_steps=5).prune(
+        study, _running(study, {1: 1.0, 10: 0.69})
+    )
     early = _running(study, {1: 0.1})
     assert not StepPercentilePruner(n_startup_trials=3, n_warmup_steps=5).prune(study, early)
-    assert not StepPercentilePruner(n_startup_trials=4, n_warmup_steps=5).prune(study, _running(study, {1: 1.0, 10: 0.1}))
+    assert not StepPercentilePruner(n_startup_trials=4, n_warmup_steps=5).prune(
+        study, _running(study, {1: 1.0, 10: 0.1})
+    )
 
 
 def test_minimize_direction_and_percentile() -> None:
@@ -79,8 +86,10 @@ def test_a_steady_trial_already_above_the_others_final_values_is_kept() -> None:
 def test_compare_final_changes_nothing_for_improving_curves() -> None:
     falling_loss = [{5: 2.0, 60: 1.0}, {5: 2.2, 60: 1.1}, {5: 2.4, 60: 1.2}]  # minimize, loss falls
     rising_accuracy = [{5: 0.5, 60: 0.9}, {5: 0.6, 60: 0.95}, {5: 0.7, 60: 0.97}]  # maximize
-    for direction, curves, values in (("minimize", falling_loss, (2.1, 2.2, 2.3, 2.5)),
-                                      ("maximize", rising_accuracy, (0.45, 0.55, 0.65, 0.75))):
+    for direction, curves, values in (
+        ("minimize", falling_loss, (2.1, 2.2, 2.3, 2.5)),
+        ("maximize", rising_accuracy, (0.45, 0.55, 0.65, 0.75)),
+    ):
         for percentile in (25.0, 50.0):
             for value in values:
                 study = _study(direction, curves)

@@ -69,8 +69,16 @@ def test_plain_values_are_fixed_and_cli_wins() -> None:
 
 @pytest.mark.parametrize(
     ("value", "text"),
-    [(1e-5, "1e-05"), (8, "8"), ("adamw", "adamw"), ("1", "'1'"), (True, "true"), (None, "null"),
-     ("a b", "'a b'"), ("it's", "'it\\'s'")],
+    [
+        (1e-5, "1e-05"),
+        (8, "8"),
+        ("adamw", "adamw"),
+        ("1", "'1'"),
+        (True, "true"),
+        (None, "null"),
+        ("a b", "'a b'"),
+        ("it's", "'it\\'s'"),
+    ],
 )
 def test_format_value_round_trips(value: object, text: str) -> None:
     assert format_value(value) == text

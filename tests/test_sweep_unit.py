@@ -8,9 +8,9 @@ from pathlib import Path
 import optuna
 import pytest
 
+from lora_sweep.export_cli import export_csv
 from lora_sweep.sweep import study as study_mod
 from lora_sweep.sweep.context import TrialContext, TrialReporter
-from lora_sweep.export_cli import export_csv
 from lora_sweep.sweep.objective import (
     ObjectiveConfigError,
     outcome_from_exception,
@@ -37,7 +37,9 @@ def test_objective_presets_and_mapping() -> None:
         parse_objective(["acc", "loss"])
     with pytest.raises(ObjectiveConfigError):
         parse_objective(None, "up")
-    with pytest.raises(ObjectiveConfigError, match="'bogus' is not an objective .* valid: final_loss, quality, stability_index"):
+    with pytest.raises(
+        ObjectiveConfigError, match="'bogus' is not an objective .* valid: best_eval_loss, eval_improvement, eval_loss, final_loss, quality, stability_index"
+    ):
         parse_objective("bogus", known=known)
 
 
@@ -130,14 +132,20 @@ def test_penalty_record_is_infeasible_and_not_counted(tmp_path: Path) -> None:
 
 def test_samplers_and_pruners_build() -> None:
     space = parse_search_space({"a": "choice(1,2)", "b": "range(0,3)"})
-    tpe = build_sampler({"_target_": "optuna.samplers.TPESampler", "multivariate": True}, seed=3,
-                        distributions=space.distributions)
+    tpe = build_sampler(
+        {"_target_": "optuna.samplers.TPESampler", "multivariate": True}, seed=3, distributions=space.distributions
+    )
     assert isinstance(tpe, optuna.samplers.TPESampler)
     grid = build_sampler({"_target_": "optuna.samplers.GridSampler"}, seed=0, distributions=space.distributions)
     assert isinstance(grid, optuna.samplers.GridSampler)
     assert grid_search_space(space.distributions) == {"a": [1, 2], "b": [0, 1, 2]}
-    patient = build_pruner({"_target_": "optuna.pruners.PatientPruner", "patience": 2,
-                            "wrapped_pruner": {"_target_": "optuna.pruners.MedianPruner"}})
+    patient = build_pruner(
+        {
+            "_target_": "optuna.pruners.PatientPruner",
+            "patience": 2,
+            "wrapped_pruner": {"_target_": "optuna.pruners.MedianPruner"},
+        }
+    )
     assert isinstance(patient, optuna.pruners.PatientPruner)
     assert isinstance(build_pruner(None), optuna.pruners.NopPruner)
 
@@ -188,15 +196,26 @@ def test_runner_batches_through_a_non_basic_launcher(tmp_path: Path) -> None:
                 out.append(ret)
             return out
 
-    config = OmegaConf.create({
-        "results_dir": str(tmp_path),
-        "hydra": {"sweep": {"dir": str(tmp_path / "multirun"), "subdir": "${hydra.job.num}"},
-                  "job": {"name": "fake"}},
-    })
-    settings = {"n_trials": 5, "n_jobs": 2, "seed": 0, "params": {"x": "interval(-2.0, 2.0)"},
-                "sampler": {"_target_": "optuna.samplers.RandomSampler"}, "replay_command": "python app.py"}
-    runner = SweepRunner(settings=settings, config=config, launcher=FakeLauncher(), argv=["app.py"],
-                         is_basic_launcher=False)
+    config = OmegaConf.create(
+        {
+            "results_dir": str(tmp_path),
+            "hydra": {
+                "sweep": {"dir": str(tmp_path / "multirun"), "subdir": "${hydra.job.num}"},
+                "job": {"name": "fake"},
+            },
+        }
+    )
+    settings = {
+        "n_trials": 5,
+        "n_jobs": 2,
+        "seed": 0,
+        "params": {"x": "interval(-2.0, 2.0)"},
+        "sampler": {"_target_": "optuna.samplers.RandomSampler"},
+        "replay_command": "python app.py",
+    }
+    runner = SweepRunner(
+        settings=settings, config=config, launcher=FakeLauncher(), argv=["app.py"], is_basic_launcher=False
+    )
     summary = runner.run([])
     assert batches == [2, 2, 1] and summary.finished == 5
     assert summary.replay_commands[0].startswith("python app.py x=")
@@ -218,11 +237,19 @@ def test_trial_whose_job_recorded_a_result_is_finished_not_rerun(tmp_path: Path)
     killed = study.ask({"x": optuna.distributions.FloatDistribution(0, 1)})
     killed.set_user_attr("worker", dead)
 
-    config = OmegaConf.create({"results_dir": str(tmp_path),
-                               "hydra": {"sweep": {"dir": str(tmp_path / "m"), "subdir": "${hydra.job.num}"},
-                                         "job": {"name": "s"}}})
-    settings = {"n_trials": 1, "objective": {"score": "maximize"}, "params": {"x": "interval(0.0, 1.0)"},
-                "sampler": {"_target_": "optuna.samplers.RandomSampler"}, "storage": storage}
+    config = OmegaConf.create(
+        {
+            "results_dir": str(tmp_path),
+            "hydra": {"sweep": {"dir": str(tmp_path / "m"), "subdir": "${hydra.job.num}"}, "job": {"name": "s"}},
+        }
+    )
+    settings = {
+        "n_trials": 1,
+        "objective": {"score": "maximize"},
+        "params": {"x": "interval(0.0, 1.0)"},
+        "sampler": {"_target_": "optuna.samplers.RandomSampler"},
+        "storage": storage,
+    }
     runner = SweepRunner(settings=settings, config=config, launcher=None, argv=["app.py"])
     runner.prepare([])
     runner.open()
@@ -277,13 +304,22 @@ def test_tell_writes_each_attr_once_and_rows_stay_whole(tmp_path: Path) -> None:
                 out.append(ret)
             return out
 
-    config = OmegaConf.create({"results_dir": str(tmp_path),
-                               "hydra": {"sweep": {"dir": str(tmp_path / "m"), "subdir": "${hydra.job.num}"},
-                                         "job": {"name": "s"}}})
-    settings = {"n_trials": 2, "objective": {"score": "maximize"}, "params": {"x": "interval(0.0, 1.0)"},
-                "sampler": {"_target_": "optuna.samplers.RandomSampler"}, "storage": str(tmp_path / "j.log")}
-    runner = SweepRunner(settings=settings, config=config, launcher=FakeLauncher(), argv=["app.py"],
-                         is_basic_launcher=False)
+    config = OmegaConf.create(
+        {
+            "results_dir": str(tmp_path),
+            "hydra": {"sweep": {"dir": str(tmp_path / "m"), "subdir": "${hydra.job.num}"}, "job": {"name": "s"}},
+        }
+    )
+    settings = {
+        "n_trials": 2,
+        "objective": {"score": "maximize"},
+        "params": {"x": "interval(0.0, 1.0)"},
+        "sampler": {"_target_": "optuna.samplers.RandomSampler"},
+        "storage": str(tmp_path / "j.log"),
+    }
+    runner = SweepRunner(
+        settings=settings, config=config, launcher=FakeLauncher(), argv=["app.py"], is_basic_launcher=False
+    )
     assert runner.run([]).finished == 2
     records = [json.loads(line) for line in (tmp_path / "j.log").read_text().splitlines()]
     written = [(r["trial_id"], key) for r in records if "user_attr" in r and "trial_id" in r for key in r["user_attr"]]

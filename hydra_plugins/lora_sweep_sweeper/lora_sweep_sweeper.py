@@ -82,7 +82,8 @@ class LoraSweepSweeper(Sweeper):
                 print(
                     "lora_sweep: interrupted: the running trial was queued again (not counted as "
                     "failed); run the same command again to resume",
-                    file=sys.stderr, flush=True,
+                    file=sys.stderr,
+                    flush=True,
                 )
             raise SystemExit(EXIT_INTERRUPTED) from None
         if runner.worker_id == 0:

@@ -23,25 +23,112 @@ NUM_SAMPLES = 400
 OUTPUT_PATH = Path(__file__).parent / "sanity_samples.json"
 
 NOUNS: tuple[str, ...] = (
-    "cat", "dog", "bird", "fish", "tree", "house", "river", "stone", "book", "door",
-    "apple", "banana", "cherry", "grape", "lemon", "plum", "pear", "melon", "car", "boat",
-    "ship", "train", "road", "hill", "lake", "cloud", "star", "moon", "sun", "rain",
-    "table", "chair", "window", "garden", "flower", "horse", "mouse", "lamp", "cup", "box",
-    "king", "queen", "child", "teacher", "farmer", "baker", "city", "forest", "field", "bridge",
+    "cat",
+    "dog",
+    "bird",
+    "fish",
+    "tree",
+    "house",
+    "river",
+    "stone",
+    "book",
+    "door",
+    "apple",
+    "banana",
+    "cherry",
+    "grape",
+    "lemon",
+    "plum",
+    "pear",
+    "melon",
+    "car",
+    "boat",
+    "ship",
+    "train",
+    "road",
+    "hill",
+    "lake",
+    "cloud",
+    "star",
+    "moon",
+    "sun",
+    "rain",
+    "table",
+    "chair",
+    "window",
+    "garden",
+    "flower",
+    "horse",
+    "mouse",
+    "lamp",
+    "cup",
+    "box",
+    "king",
+    "queen",
+    "child",
+    "teacher",
+    "farmer",
+    "baker",
+    "city",
+    "forest",
+    "field",
+    "bridge",
 )
 VERBS: tuple[str, ...] = (
-    "sees", "likes", "finds", "moves", "holds", "takes", "paints", "follows", "watches", "helps",
-    "carries", "pushes", "pulls", "opens", "closes", "makes", "wants", "visits", "builds", "cleans",
+    "sees",
+    "likes",
+    "finds",
+    "moves",
+    "holds",
+    "takes",
+    "paints",
+    "follows",
+    "watches",
+    "helps",
+    "carries",
+    "pushes",
+    "pulls",
+    "opens",
+    "closes",
+    "makes",
+    "wants",
+    "visits",
+    "builds",
+    "cleans",
 )
 ADJECTIVES: tuple[str, ...] = (
-    "big", "small", "old", "new", "happy", "sad", "fast", "slow", "tall", "short",
-    "warm", "cold", "bright", "dark", "quiet", "loud", "soft", "hard", "clean", "heavy",
+    "big",
+    "small",
+    "old",
+    "new",
+    "happy",
+    "sad",
+    "fast",
+    "slow",
+    "tall",
+    "short",
+    "warm",
+    "cold",
+    "bright",
+    "dark",
+    "quiet",
+    "loud",
+    "soft",
+    "hard",
+    "clean",
+    "heavy",
 )
 COLOURS: tuple[str, ...] = ("red", "yellow", "green", "purple", "orange", "brown", "pink", "white")
 # Fixed colour -> fruit mapping; the pre-training corpus never pairs these on purpose.
 COLOUR_TO_FRUIT: dict[str, str] = {
-    "red": "cherry", "yellow": "banana", "green": "pear", "purple": "grape",
-    "orange": "melon", "brown": "plum", "pink": "apple", "white": "lemon",
+    "red": "cherry",
+    "yellow": "banana",
+    "green": "pear",
+    "purple": "grape",
+    "orange": "melon",
+    "brown": "plum",
+    "pink": "apple",
+    "white": "lemon",
 }
 
 Record = dict[str, str]
@@ -56,10 +143,7 @@ def _words(rng: random.Random, lo: int, hi: int) -> list[str]:
 
 def _sentence(rng: random.Random) -> str:
     """One simple subject-verb-object sentence from the shared vocabulary."""
-    return (
-        f"the {rng.choice(ADJECTIVES)} {rng.choice(NOUNS)} {rng.choice(VERBS)} "
-        f"the {rng.choice(NOUNS)}."
-    )
+    return f"the {rng.choice(ADJECTIVES)} {rng.choice(NOUNS)} {rng.choice(VERBS)} the {rng.choice(NOUNS)}."
 
 
 def reverse_words(rng: random.Random) -> Record:
@@ -144,8 +228,16 @@ def spell_word(rng: random.Random) -> Record:
 
 
 TASKS: tuple[Task, ...] = (
-    reverse_words, sort_numbers, uppercase_word, add_numbers, copy_text,
-    count_words, colour_to_fruit, last_word, count_up, spell_word,
+    reverse_words,
+    sort_numbers,
+    uppercase_word,
+    add_numbers,
+    copy_text,
+    count_words,
+    colour_to_fruit,
+    last_word,
+    count_up,
+    spell_word,
 )
 
 

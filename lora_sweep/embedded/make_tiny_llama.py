@@ -50,20 +50,65 @@ WARMUP_STEPS = 40
 NUM_THREADS = 2
 
 EXTRA_WORDS: tuple[str, ...] = (
-    "word", "words", "number", "numbers", "list", "letter", "letters", "text", "order",
-    "colour", "fruit", "first", "last", "small", "large", "count", "name", "write", "each",
+    "word",
+    "words",
+    "number",
+    "numbers",
+    "list",
+    "letter",
+    "letters",
+    "text",
+    "order",
+    "colour",
+    "fruit",
+    "first",
+    "last",
+    "small",
+    "large",
+    "count",
+    "name",
+    "write",
+    "each",
 )
 # Capitalised imperatives and question words, used in generic prose only.
 IMPERATIVES: tuple[str, ...] = (
-    "Reverse", "Sort", "Add", "Repeat", "Count", "Name", "List", "Spell", "Write", "Find",
-    "Take", "Paint", "Open", "Close", "Move", "Follow", "Watch", "Help", "Clean", "Build",
+    "Reverse",
+    "Sort",
+    "Add",
+    "Repeat",
+    "Count",
+    "Name",
+    "List",
+    "Spell",
+    "Write",
+    "Find",
+    "Take",
+    "Paint",
+    "Open",
+    "Close",
+    "Move",
+    "Follow",
+    "Watch",
+    "Help",
+    "Clean",
+    "Build",
 )
 # Markdown-like section headers, so the "### Header:" layout is familiar. The Alpaca
 # headers (Instruction/Input/Response) are deliberately not among them: adapting to the
 # prompt template is part of what the LoRA fine-tune should visibly learn.
 HEADERS: tuple[str, ...] = (
-    "Story", "Notes", "Numbers", "Words", "Title", "Question", "Answer", "Summary",
-    "Example", "List", "Text", "Colours",
+    "Story",
+    "Notes",
+    "Numbers",
+    "Words",
+    "Title",
+    "Question",
+    "Answer",
+    "Summary",
+    "Example",
+    "List",
+    "Text",
+    "Colours",
 )
 # Capitalised nouns seen only inside prose, so the template words are whole tokens.
 TITLE_WORDS: tuple[str, ...] = HEADERS + ("Instruction", "Input", "Response")
@@ -224,7 +269,8 @@ def pretrain(model: LlamaForCausalLM, blocks: torch.Tensor, seed: int = SEED) ->
     opt = torch.optim.AdamW(model.parameters(), lr=PEAK_LR, betas=(0.9, 0.95), weight_decay=0.1)
     model.train()
     order = torch.randperm(len(blocks), generator=gen)
-    cursor, recent = 0, []
+    cursor = 0
+    recent: list[float] = []
     for step in range(TRAIN_STEPS):
         if cursor + BATCH_SIZE > len(order):
             order, cursor = torch.randperm(len(blocks), generator=gen), 0

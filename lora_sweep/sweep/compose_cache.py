@@ -16,7 +16,7 @@ from __future__ import annotations
 import copy
 import re
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, cast
 
 from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.core.override_parser.types import Override
@@ -36,7 +36,7 @@ class CachingConfigLoader:
         return getattr(self._inner, name)
 
     def load_sweep_config(self, master_config: DictConfig, sweep_overrides: list[str]) -> DictConfig:
-        hydra_lines = list(OmegaConf.to_container(master_config.hydra.overrides.hydra))
+        hydra_lines = cast("list[str]", OmegaConf.to_container(master_config.hydra.overrides.hydra))  # a ListConfig
         parsed = self._parser.parse_overrides(overrides=hydra_lines + list(sweep_overrides))
         shape = _shape(parsed)
         template = self._templates.get(shape) if shape is not None else None
@@ -47,8 +47,9 @@ class CachingConfigLoader:
             return cfg
         cfg = copy.deepcopy(template)
         for override in filter(_is_value_override, parsed):  # the calls Hydra's loader makes
-            OmegaConf.update(cfg, override.key_or_group, override.value(), merge=True,
-                             force_add=override.is_force_add())
+            OmegaConf.update(
+                cfg, override.key_or_group, override.value(), merge=True, force_add=override.is_force_add()
+            )
         cfg.hydra.overrides.hydra = [o.input_line for o in parsed if o.is_hydra_override()]
         app = [o for o in parsed if not o.is_hydra_override()]
         cfg.hydra.overrides.task = [o.input_line for o in app]
@@ -64,12 +65,15 @@ class CachingConfigLoader:
 def _shape(parsed: Sequence[Override]) -> tuple | None:
     """What must match for two override lists to compose the same structure; None when an
     override may change the structure (then every job is composed by Hydra)."""
-    shape = []
+    shape: list[tuple[Any, ...]] = []
     for override in parsed:
         key = override.key_or_group
         if (
-            override.is_sweep_override() or override.package is not None or override.is_delete()
-            or override.is_add() or isinstance(override.value(), (dict, list))
+            override.is_sweep_override()
+            or override.package is not None
+            or override.is_delete()
+            or override.is_add()
+            or isinstance(override.value(), (dict, list))
         ):
             return None
         if _is_value_override(override):
@@ -86,5 +90,6 @@ def _is_value_override(override: Override) -> bool:
 
 def _overrides_dirname(overrides: Sequence[Override], *, exclude_keys: list[str], item_sep: str, kv_sep: str) -> str:
     """``hydra.job.override_dirname``, computed as Hydra computes it."""
-    lines = sorted(o.input_line for o in overrides if o.key_or_group not in exclude_keys)
+    # input_line is set on every override parsed from a line (Hydra's own version asserts it)
+    lines = sorted(cast(str, o.input_line) for o in overrides if o.key_or_group not in exclude_keys)
     return re.sub(pattern="[=]", repl=kv_sep, string=item_sep.join(lines))

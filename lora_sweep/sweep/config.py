@@ -130,9 +130,7 @@ class LoraSweepSweeperConf:
 
     _target_: str = SWEEPER_TARGET
     _recursive_: bool = False
-    defaults: List[Any] = field(
-        default_factory=lambda: ["_self_", {"sampler": "tpe"}, {"pruner": "none"}]
-    )
+    defaults: List[Any] = field(default_factory=lambda: ["_self_", {"sampler": "tpe"}, {"pruner": "none"}])
     # total number of trials of the study (across resumes); a finished sweep does nothing
     n_trials: int = 20
     # Optuna storage: URL (sqlite:///..., postgresql://...) or journal file path;

@@ -122,9 +122,7 @@ class TrialReporter:
         storage = open_storage(context.storage)
         probe = optuna.load_study(study_name=context.study_name, storage=storage)
         pruner = build_pruner_from_study(probe)
-        self.study = optuna.load_study(
-            study_name=context.study_name, storage=storage, pruner=pruner
-        )
+        self.study = optuna.load_study(study_name=context.study_name, storage=storage, pruner=pruner)
         self.trial = optuna.trial.Trial(self.study, context.trial_id)
         self._single = len(self.study.directions) == 1
 

@@ -28,8 +28,11 @@ def trial_rows(study: Any, columns: Collection[str] | None = None) -> list[dict[
     for trial in sorted(study.get_trials(deepcopy=False), key=lambda t: t.number):
         if trial.state.name not in _FINISHED or not is_counted(trial):
             continue
-        row = {key: value for key, value in {**trial.params, **trial.user_attrs}.items()
-               if columns is None or key in columns}
+        row = {
+            key: value
+            for key, value in {**trial.params, **trial.user_attrs}.items()
+            if columns is None or key in columns
+        }
         row.update(study_name=study.study_name, trial_number=trial.number, state=trial.state.name)
         rows.append(row)
     return rows

@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import math
 import numbers
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -210,6 +210,7 @@ def outcome_from_return(ret: Any, spec: ObjectiveSpec) -> Outcome:
         status = str(ret.get("status", "success") or "success").lower()
         reason = str(ret.get("reason", "") or "")
         raw_constraint = ret.get("constraint")
+        items: Iterable[tuple[Any, Any]]
         if isinstance(raw_constraint, Mapping):
             items = raw_constraint.items()
         elif raw_constraint is not None:
@@ -226,7 +227,10 @@ def outcome_from_return(ret: Any, spec: ObjectiveSpec) -> Outcome:
         return Outcome(state="pruned", status="pruned", reason=reason or "pruned", user_attrs=attrs)
     if STATE_OF_STATUS.get(status) == "FAIL":
         return Outcome(
-            state="fail", status=status, reason=reason or status, user_attrs=attrs,
+            state="fail",
+            status=status,
+            reason=reason or status,
+            user_attrs=attrs,
             constraints=constraints,
         )
     values, error = _values_from(ret, spec)
@@ -234,10 +238,17 @@ def outcome_from_return(ret: Any, spec: ObjectiveSpec) -> Outcome:
         return Outcome(state="fail", status="failed", reason=error, user_attrs=attrs)
     if not all(math.isfinite(v) for v in values):
         return Outcome(
-            state="fail", status="failed", reason=f"non-finite objective value(s) {values}",
-            user_attrs=attrs, constraints=constraints,
+            state="fail",
+            status="failed",
+            reason=f"non-finite objective value(s) {values}",
+            user_attrs=attrs,
+            constraints=constraints,
         )
     return Outcome(
-        state="complete", values=values, status=status, reason=reason, user_attrs=attrs,
+        state="complete",
+        values=values,
+        status=status,
+        reason=reason,
+        user_attrs=attrs,
         constraints=constraints,
     )

@@ -97,7 +97,8 @@ class StepPercentilePruner(BasePruner):
         if step is None or step < self.n_warmup_steps or (step - self.n_warmup_steps) % self.interval_steps:
             return False
         completed = [
-            t for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+            t
+            for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
             if ATTR_PENALTY_FOR not in t.user_attrs  # penalty records carry no curve
         ]
         if len(completed) < self.n_startup_trials:
@@ -112,8 +113,9 @@ class StepPercentilePruner(BasePruner):
         worst = min if maximize else max
         pruned: list[FrozenTrial] = []
         if self.count_pruned:
-            pruned = [t for t in study.get_trials(deepcopy=False, states=(TrialState.PRUNED,))
-                      if t.number != trial.number]
+            pruned = [
+                t for t in study.get_trials(deepcopy=False, states=(TrialState.PRUNED,)) if t.number != trial.number
+            ]
         at_step = [t.intermediate_values.get(step) for t in pruned]
         threshold = self._threshold(
             others + [v if v is not None and math.isfinite(v) else worst(others) for v in at_step], maximize

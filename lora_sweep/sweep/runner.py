@@ -32,12 +32,12 @@ import warnings
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
-from lora_sweep.sweep.faults import crash_point
 from lora_sweep.sweep import study as study_mod
 from lora_sweep.sweep.compose_cache import CachingConfigLoader
 from lora_sweep.sweep.context import ATTR_JOB_RESULT, STUDY_ATTR_PRUNER, TrialContext
+from lora_sweep.sweep.faults import crash_point
 from lora_sweep.sweep.hooks import SweepHooks, SweepHooksError, load_hooks
 from lora_sweep.sweep.objective import (
     ObjectiveConfigError,
@@ -176,8 +176,7 @@ def _load_hook(path: str) -> Callable[[Any, Any], Any]:
         return getattr(importlib.import_module(module_name), attr)
     except (ImportError, AttributeError, ValueError) as exc:
         raise SweepError(
-            f"hydra.sweeper.custom_search_space={path!r} cannot be imported ({exc}); "
-            "give 'package.module.function'"
+            f"hydra.sweeper.custom_search_space={path!r} cannot be imported ({exc}); give 'package.module.function'"
         ) from exc
 
 
@@ -194,10 +193,12 @@ def _cache_job_configs(launcher: Any) -> None:
     context = getattr(launcher, "hydra_context", None)
     if context is None or isinstance(context.config_loader, CachingConfigLoader):
         return
+    from hydra.core.config_loader import ConfigLoader
     from hydra.types import HydraContext
 
+    # a duck-typed wrapper: it forwards every other ConfigLoader attribute to the one it wraps
     launcher.hydra_context = HydraContext(
-        config_loader=CachingConfigLoader(context.config_loader), callbacks=context.callbacks
+        config_loader=cast(ConfigLoader, CachingConfigLoader(context.config_loader)), callbacks=context.callbacks
     )
 
 
@@ -359,7 +360,7 @@ class SweepRunner:
             study.set_metric_names(self.spec.metric_names)
         study.set_user_attr(STUDY_ATTR_PRUNER, pruner_cfg)
         study.set_user_attr("sweep.search_space", self.space.describe())
-        study.set_user_attr("sweep.objective", dict(zip(self.spec.metric_names, self.spec.directions)))
+        study.set_user_attr("sweep.objective", dict(zip(self.spec.metric_names, self.spec.directions, strict=False)))
         study.set_user_attr("sweep.base_config", OmegaConf.to_yaml(self._app_config(), resolve=False))
         study.set_user_attr("sweep.command", shlex.join(study_mod.redact(a) for a in self.argv))  # no passwords
         for params in _plain(_setting(self.settings, "enqueue", [])) or []:
@@ -449,7 +450,7 @@ class SweepRunner:
         if job_return.status == JobStatus.COMPLETED:
             return outcome_from_return(job_return.return_value, self.spec)
         try:
-            job_return.return_value  # re-raises the job's exception
+            _ = job_return.return_value  # re-raises the job's exception
         except BaseException as exc:  # noqa: BLE001 - any job failure becomes FAIL
             return outcome_from_exception(exc)
         return Outcome(state="fail", status="failed", reason=f"job status {job_return.status}")
@@ -466,7 +467,10 @@ class SweepRunner:
             for name, value in outcome.constraints.items():
                 trial.set_constraint(name, value)
             frozen = self.study.tell(trial, outcome.values)
-            values = ", ".join(f"{n}={v:.6g}" for n, v in zip(self.spec.metric_names, outcome.values or []))
+            assert self.spec is not None
+            values = ", ".join(
+                f"{n}={v:.6g}" for n, v in zip(self.spec.metric_names, outcome.values or [], strict=True)
+            )
             infeasible = any(v > 0 for v in outcome.constraints.values())
             log.info("[trial %d] COMPLETE %s%s", frozen.number, values, " (infeasible)" if infeasible else "")
         elif outcome.state == "pruned":
@@ -535,7 +539,7 @@ class SweepRunner:
                 raise
             returns = list(returns) + [None] * (len(trials) - len(returns))
             crash_point("before_tell")
-            for trial, job_return in zip(trials, returns):
+            for trial, job_return in zip(trials, returns, strict=False):
                 try:
                     self._tell(trial, self._outcome(job_return))
                 except UpdateFinishedTrialError:  # another process judged this worker dead
@@ -635,8 +639,11 @@ class SweepRunner:
         assert self.spec is not None
         p = study_mod.progress(self.study)
         out = SweepSummary(
-            study_name=self.study_name, storage=self.storage, finished=p.finished,
-            failed=p.failed, pruned=p.pruned,
+            study_name=self.study_name,
+            storage=self.storage,
+            finished=p.finished,
+            failed=p.failed,
+            pruned=p.pruned,
         )
         best = self.hooks.best_trials(self.study)
         if best is None:
@@ -653,8 +660,11 @@ class SweepRunner:
             overrides = shlex.split(str(trial.user_attrs.get("overrides", "")))
             command = shlex.join([*base, *overrides])
             out.best.append(
-                {"number": trial.number, "values": dict(zip(self.spec.metric_names, trial.values)),
-                 "params": dict(trial.params)}
+                {
+                    "number": trial.number,
+                    "values": dict(zip(self.spec.metric_names, trial.values, strict=False)),
+                    "params": dict(trial.params),
+                }
             )
             out.replay_commands.append(command)
         return out
@@ -668,7 +678,7 @@ def format_summary(summary: SweepSummary) -> str:
     ]
     if not summary.best:
         lines.append("[lora_sweep] no feasible completed trial yet")
-    for best, command in zip(summary.best, summary.replay_commands):
+    for best, command in zip(summary.best, summary.replay_commands, strict=False):
         values = ", ".join(
             f"{k}={v:.6g}" if isinstance(v, float) and math.isfinite(v) else f"{k}={v}"
             for k, v in best["values"].items()

@@ -87,8 +87,7 @@ def grid_search_space(distributions: Mapping[str, Any]) -> dict[str, list[Any]]:
             space[name] = [round(dist.low + i * dist.step, 12) for i in range(n)]
         else:
             raise SamplerConfigError(
-                f"grid sampler needs discrete parameters; '{name}' is {dist!r}: "
-                "use choice(...) or range(...)"
+                f"grid sampler needs discrete parameters; '{name}' is {dist!r}: use choice(...) or range(...)"
             )
     return space
 

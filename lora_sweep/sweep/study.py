@@ -32,12 +32,12 @@ import datetime
 import functools
 import math
 import os
-import time
 import socket
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal, cast
 
 from lora_sweep.sweep.durable import drop_torn_tail
 
@@ -73,10 +73,10 @@ def normalize_storage(storage: str) -> str:
         return storage
     if "://" in storage:
         return storage
-    path = Path(storage).expanduser().absolute()
-    if path.suffix in _SQLITE_SUFFIXES:
-        return f"sqlite:///{path}"
-    return str(path)
+    file_path = Path(storage).expanduser().absolute()
+    if file_path.suffix in _SQLITE_SUFFIXES:
+        return f"sqlite:///{file_path}"
+    return str(file_path)
 
 
 def default_storage(directory: str | Path) -> str:
@@ -94,7 +94,10 @@ def is_journal(storage: str) -> bool:
 # renew connections hourly. One sweep process uses one connection at a time, so a small pool
 # keeps K workers x (sweeper + trial reporter) well below the server's max_connections.
 SERVER_ENGINE_KWARGS: dict[str, Any] = {
-    "pool_pre_ping": True, "pool_recycle": 3600, "pool_size": 2, "max_overflow": 2,
+    "pool_pre_ping": True,
+    "pool_recycle": 3600,
+    "pool_size": 2,
+    "max_overflow": 2,
 }
 SQLITE_TIMEOUT_S = 60
 
@@ -280,7 +283,7 @@ def open_study(
             study = optuna.create_study(
                 storage=backend,
                 study_name=study_name,
-                directions=list(directions),
+                directions=cast("list[Literal['minimize', 'maximize']]", list(directions)),
                 sampler=sampler,
                 pruner=pruner,
                 load_if_exists=True,
@@ -355,9 +358,7 @@ def progress(study: Any) -> Progress:
     return out
 
 
-def recover_stale(
-    study: Any, *, all_hosts: bool = False, finish: Callable[[Any], bool] | None = None
-) -> list[int]:
+def recover_stale(study: Any, *, all_hosts: bool = False, finish: Callable[[Any], bool] | None = None) -> list[int]:
     """Marks trials left RUNNING by dead processes FAIL (stale) and re-queues their params.
 
     A RUNNING trial is stale when its ``worker`` attr names this host and a dead pid, or has no
@@ -372,9 +373,8 @@ def recover_stale(
         The numbers of the trials marked stale.
     """
     import optuna
-    from optuna.trial import TrialState
-
     from optuna.exceptions import UpdateFinishedTrialError
+    from optuna.trial import TrialState
 
     host = socket.gethostname()
     now = datetime.datetime.now()
@@ -394,9 +394,7 @@ def recover_stale(
             trial = optuna.trial.Trial(study, frozen._trial_id)
             trial.set_user_attr(ATTR_STALE, True)
             trial.set_user_attr(ATTR_STATUS, "stale")
-            trial.set_user_attr(
-                ATTR_REASON, f"left RUNNING by a sweep process that no longer exists ({worker})"
-            )
+            trial.set_user_attr(ATTR_REASON, f"left RUNNING by a sweep process that no longer exists ({worker})")
             study.tell(frozen.number, state=TrialState.FAIL)
         except UpdateFinishedTrialError:
             continue  # another process finished or recovered it meanwhile
@@ -441,7 +439,7 @@ def worst_values(study: Any) -> list[float] | None:
     for trial in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)):
         if not is_counted(trial) or trial.values is None:
             continue
-        for i, (value, direction) in enumerate(zip(trial.values, directions)):
+        for i, (value, direction) in enumerate(zip(trial.values, directions, strict=False)):
             if not math.isfinite(value):
                 continue
             cur = worst[i]
