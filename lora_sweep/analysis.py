@@ -332,6 +332,13 @@ def _run_dir(row: pd.Series, results_dir: Path | None, study_name: str) -> Path 
     return None
 
 
+def _with_evals(steps: pd.DataFrame, evals_path: Path) -> pd.DataFrame:
+    """The step log with an ``eval_loss`` column from the run's ``evals.csv`` (if any)."""
+    evals = pd.read_csv(evals_path) if evals_path.is_file() else pd.DataFrame(columns=["step", "loss"])
+    evals = evals[["step", "loss"]].rename(columns={"loss": "eval_loss"})
+    return steps.merge(evals, on="step", how="outer")
+
+
 def load_curves(
     trials: pd.DataFrame,
     *,
@@ -352,7 +359,9 @@ def load_curves(
     Returns:
         Columns ``trial_number``, ``state``, ``status`` followed by the step log's columns
         (``step``, ``loss``, ``grad_norm``, ``lr``, ``tokens``, ``real_tokens``,
-        ``elapsed_s``), sorted by trial and step. Non-finite losses (a diverged step) are
+        ``elapsed_s``) and ``eval_loss``, the held-out loss at the steps it was measured
+        (``evals.csv``; NaN elsewhere; a row at step 0 holds the base model's, with NaN
+        training columns), sorted by trial and step. Non-finite losses (a diverged step) are
         kept as NaN/inf.
     """
     base = Path(results_dir) if results_dir is not None else None
@@ -364,16 +373,17 @@ def load_curves(
         steps = pd.read_csv(run_dir / "steps.csv")
         if steps.empty:
             continue
+        steps = _with_evals(steps, run_dir / "evals.csv")
         steps.insert(0, "status", row.get("status", ""))
         steps.insert(0, "state", row.get("state", ""))
         steps.insert(0, "trial_number", row.get("trial_number"))
         frames.append(steps)
-    columns = ["trial_number", "state", "status", *STEP_LOG_COLUMNS]
+    columns = ["trial_number", "state", "status", *STEP_LOG_COLUMNS, "eval_loss"]
     if not frames:
         return pd.DataFrame({c: pd.Series(dtype="float64") for c in columns})
     curves = pd.concat(frames, ignore_index=True)
     curves["trial_number"] = curves["trial_number"].astype("Int64")
-    for column in ("loss", "grad_norm", "lr", "elapsed_s"):
+    for column in ("loss", "grad_norm", "lr", "elapsed_s", "eval_loss"):
         if column in curves.columns:
             curves[column] = pd.to_numeric(curves[column], errors="coerce").astype("float64")
     return curves.sort_values(["trial_number", "step"], kind="stable").reset_index(drop=True)

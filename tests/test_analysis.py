@@ -362,7 +362,12 @@ def test_analysis_on_a_real_sweep(tiny_sweep: Path) -> None:
     curves = analysis.load_curves(trials)
     lengths = curves.groupby("trial_number").size()
     for _, row in trials.iterrows():
-        assert lengths[row["trial_number"]] == row["steps_completed"]
+        assert lengths[row["trial_number"]] == row["steps_completed"] + 1  # + step 0: the base model's eval
+        curve = curves[curves["trial_number"] == row["trial_number"]].set_index("step")
+        assert curve.loc[0, "eval_loss"] == pytest.approx(row["eval_loss_base"]) and pd.isna(curve.loc[0, "loss"])
+        if row["state"] == "COMPLETE":  # the held-out loss at the last step is the trial's eval_loss
+            assert curve.loc[row["steps_completed"], "eval_loss"] == pytest.approx(row["eval_loss"])
+    assert trials["eval_loss_base"].nunique() == 1  # every trial of a sweep starts from one base
     values = analysis.intermediate_values(study)
     complete = analysis.by_state(trials, "COMPLETE")
     assert set(complete["trial_number"]) <= set(values["trial_number"])

@@ -132,6 +132,8 @@ MODEL_LEVEL = [
         ["data.max_length=100000"],
         "data.max_length=100000 exceeds the model's max_position_embeddings=1024",
     ),
+    ("empty-training-split", ["data.val_size=400"], "data.val_size=400 leaves 0 training and 400 validation records"),
+    ("val-size-not-whole", ["data.val_size=2.5"], "data.val_size must be a fraction below 1 or a whole number"),
 ]
 # (case id, overrides, what the one error line must say)
 BATTERY = [
@@ -160,6 +162,7 @@ BATTERY = [
     ("readonly-results-dir", ["READONLY"], "is not writable"),
     ("foreign-csv-header", ["FOREIGN_CSV"], "has a different header"),
     ("direction-mismatch", ["hydra.sweeper.objective=final_loss"], "has directions ['maximize']"),
+    ("unknown-objective", ["hydra.sweeper.objective=bogus"], "'bogus' is not an objective this app reports; valid:"),
 ]
 
 

@@ -38,7 +38,9 @@ def test_objective_presets_and_mapping() -> None:
     with pytest.raises(ObjectiveConfigError):
         parse_objective(None, "up")
     with pytest.raises(
-        ObjectiveConfigError, match="'bogus' is not an objective .* valid: best_eval_loss, eval_improvement, eval_loss, final_loss, quality, stability_index"
+        ObjectiveConfigError,
+        match="'bogus' is not an objective .* valid: best_eval_loss, eval_improvement, eval_loss, final_loss, quality, "
+        "stability_index",
     ):
         parse_objective("bogus", known=known)
 
