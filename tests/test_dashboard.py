@@ -107,6 +107,9 @@ def test_dashboard_serves_the_sweep(tiny_sweep: Path, tmp_path: Path) -> None:
             assert steps.keys() == trial.intermediate_values.keys()
             if trial.state == optuna.trial.TrialState.COMPLETE:
                 assert shown["values"] == pytest.approx(trial.values)
+                held_out = {"eval_loss", "eval_loss_base", "eval_improvement", "best_eval_loss", "generalization_gap"}
+                assert held_out <= set(attrs)
+                assert float(attrs["eval_loss"]) == pytest.approx(float(trial.user_attrs["eval_loss"]))
                 assert steps  # the per-step objective the pruner compared
         states = {by_number[n]["state"] for n in expected}
         assert {"Complete", "Fail"} <= states
