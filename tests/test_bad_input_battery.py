@@ -175,6 +175,14 @@ def _digests(results: Path) -> dict[str, str]:
     }
 
 
+def _assert_refused(proc: subprocess.CompletedProcess[str], message: str) -> None:
+    """Exit code 2 and exactly one stderr line, the error naming the problem."""
+    assert proc.returncode == 2, proc.stdout[-2000:] + proc.stderr[-2000:]
+    lines = [line for line in proc.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1, proc.stderr
+    assert lines[0].startswith("lora_sweep: error: ") and message in lines[0], lines[0]
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("overrides,message", [pytest.param(o, m, id=i) for i, o, m in BATTERY])
 def test_bad_input_one_line_nonzero_exit_csv_and_study_untouched(
@@ -205,10 +213,7 @@ def test_bad_input_one_line_nonzero_exit_csv_and_study_untouched(
     finally:
         for p, mode in modes.items():
             p.chmod(mode)
-    assert proc.returncode == 2, proc.stdout[-2000:] + proc.stderr[-2000:]
-    lines = [line for line in proc.stderr.splitlines() if line.strip()]
-    assert len(lines) == 1, proc.stderr
-    assert lines[0].startswith("lora_sweep: error: ") and message in lines[0], lines[0]
+    _assert_refused(proc, message)
     assert "Traceback" not in proc.stdout
     assert _digests(results) == before  # CSV, study and trial directories byte-identical, nothing new
 
@@ -226,9 +231,7 @@ def test_bad_input_single_run_exits_2_with_one_line_and_writes_nothing(
     fmt = _files(tmp_path, tiny_ckpt, no_pad_no_eos_ckpt, granite_ckpt)
     results = tmp_path / "results"
     proc = run_cli(*TINY, *[o.format(**fmt) for o in overrides], f"results_dir={results}")  # the case's values win
-    assert proc.returncode == 2, proc.stdout[-2000:] + proc.stderr[-2000:]
-    lines = [line for line in proc.stderr.splitlines() if line.strip()]
-    assert len(lines) == 1 and lines[0].startswith("lora_sweep: error: ") and message in lines[0], proc.stderr
+    _assert_refused(proc, message)
     assert not results.exists()  # no CSV row, no run directory
 
 

@@ -107,15 +107,18 @@ def _real_tokens_per_step(
     records: list[dict[str, str]], template: str, overrides: list[str], seed: int = 0
 ) -> list[int]:
     """The real tokens of each step's batch that a run with `overrides` draws from `records`
-    under `template`: the same tokenization, seeded shuffle and per-batch padding as a trial."""
+    under `template`: the same validation split (the default `data.val_size` of 10 %), the same
+    tokenization, seeded shuffle and per-batch padding as a trial."""
     from transformers import AutoTokenizer
 
     from lora_sweep.embedded import TINY_LLAMA_DIR
+    from lora_sweep.split import split_records
 
     tokenizer = AutoTokenizer.from_pretrained(str(TINY_LLAMA_DIR), local_files_only=True)
     values = dict(o.split("=", 1) for o in overrides)
+    train, _ = split_records(records, val_size=0.1, seed=0)
     examples = d.tokenize_records(
-        records, tokenizer, template=template, max_length=int(values["data.max_length"]), mask_prompt=False
+        train, tokenizer, template=template, max_length=int(values["data.max_length"]), mask_prompt=False
     )
     loader = d.make_dataloader(
         d.SanityDataset(examples),
