@@ -12,8 +12,6 @@ from __future__ import annotations
 import contextlib
 import gc
 import logging
-import resource
-import sys
 import time
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field, fields
@@ -30,6 +28,7 @@ from lora_sweep.embedded import SANITY_SAMPLES_PATH
 from lora_sweep.errors import INPUT_ERRORS, ConfigError
 from lora_sweep.evaluate import EVAL_TOKENS_PER_BATCH, EvalResult, eval_batches, evaluate_loss
 from lora_sweep.lora import adapted_modules, apply_lora, check_default_targets, check_rank, count_parameters
+from lora_sweep.memory import peak_memory_mb, reset_peak_memory
 from lora_sweep.metrics import TrialMetrics, compute_metrics, eval_summary
 from lora_sweep.model import (
     check_max_length,
@@ -332,52 +331,6 @@ def prepared_trial(cfg: RunConfig, cache: TrialCache) -> Iterator[Prepared]:
         yield prepared
     finally:
         cache.give_back(prepared.cached, adapted=prepared.model)
-
-
-# ---------------------------------------------------------------------------------------
-# The trial's own peak memory: on CUDA the allocator's peak since its reset; on the CPU (Linux)
-# the peak RSS since `/proc/self/clear_refs` reset it. Without a reset the process's lifetime
-# peak (`ru_maxrss`) would report a worker's largest earlier trial for every later one.
-# ---------------------------------------------------------------------------------------
-
-_CLEAR_REFS = Path("/proc/self/clear_refs")
-_PROC_STATUS = Path("/proc/self/status")
-
-
-def reset_peak_memory(device: torch.device) -> bool:
-    """Start measuring the peak here; False when the CPU's peak RSS cannot be reset."""
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
-        return True
-    try:
-        _CLEAR_REFS.write_text("5")  # 5: reset the peak RSS (VmHWM) to the current RSS
-    except OSError:
-        return False
-    return True
-
-
-def peak_memory_mb(device: torch.device, *, was_reset: bool) -> float:
-    """Peak memory in MiB since `reset_peak_memory`: CUDA max allocated, or the CPU's peak RSS
-    (the current RSS where the peak could not be reset)."""
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 2**20
-    kib = _proc_status_kib("VmHWM" if was_reset else "VmRSS")
-    if kib is not None:
-        return kib / 1024
-    maxrss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # no /proc: the lifetime peak
-    return maxrss / 2**20 if sys.platform == "darwin" else maxrss / 1024  # bytes there, KiB on Linux
-
-
-def _proc_status_kib(key: str) -> int | None:
-    try:
-        lines = _PROC_STATUS.read_text().splitlines()
-    except OSError:
-        return None
-    for line in lines:
-        name, _, value = line.partition(":")
-        if name == key:
-            return int(value.split()[0])
-    return None
 
 
 def _status(loop: LoopResult, metrics: Mapping[str, Any]) -> tuple[str, str]:

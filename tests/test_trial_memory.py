@@ -13,7 +13,8 @@ from omegaconf import OmegaConf
 
 from lora_sweep.cache import TrialCache
 from lora_sweep.config import RunConfig
-from lora_sweep.trial import reset_peak_memory, run_trial
+from lora_sweep.memory import reset_peak_memory
+from lora_sweep.trial import run_trial
 from tests.conftest import TINY
 
 
