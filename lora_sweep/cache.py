@@ -98,16 +98,22 @@ class TrialCache:
         cfg: DataConfig,
         *,
         max_length: int | None = None,
+        length_key: str = "data.max_length",
     ) -> list[data_lib.Example]:
         """The records tokenized for `cfg` (template, mask_prompt, and `max_length`, by default
-        `cfg.max_length`)."""
+        `cfg.max_length`; `length_key` names that setting in messages)."""
         max_length = cfg.max_length if max_length is None else max_length
         key = (records_key, tokenizer_key, cfg.template, max_length, cfg.mask_prompt)
         if key in self._examples:
             self._examples.move_to_end(key)
             return self._examples[key]
         examples = data_lib.tokenize_records(
-            records, tokenizer, template=cfg.template, max_length=max_length, mask_prompt=cfg.mask_prompt
+            records,
+            tokenizer,
+            template=cfg.template,
+            max_length=max_length,
+            mask_prompt=cfg.mask_prompt,
+            key=length_key,
         )
         self._examples[key] = examples
         while len(self._examples) > self.max_datasets:

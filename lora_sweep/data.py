@@ -148,11 +148,13 @@ def tokenize_records(
     template: str,
     max_length: int,
     mask_prompt: bool,
+    key: str = "data.max_length",
 ) -> list[Example]:
     """Tokenize prompt and response separately (so the boundary is exact), append EOS, truncate.
 
     BOS is prepended when the tokenizer has one. Records whose labels are all masked after
-    truncation (prompt longer than max_length with mask_prompt) are dropped with a warning.
+    truncation (prompt longer than max_length with mask_prompt) are dropped with a warning;
+    `key` names the length setting in messages (the held-out set's is `data.eval_max_length`).
     """
     if tokenizer.eos_token_id is None:
         raise DataError(
@@ -171,13 +173,10 @@ def tokenize_records(
             continue
         examples.append(Example(input_ids=tuple(input_ids), labels=tuple(labels)))
     if dropped:
-        log.warning(
-            "dropped %d of %d records whose response lies beyond data.max_length=%d", dropped, len(records), max_length
-        )
+        log.warning("dropped %d of %d records whose response lies beyond %s=%d", dropped, len(records), key, max_length)
     if not examples:
         raise DataError(
-            f"no record has a response within data.max_length={max_length} tokens; raise data.max_length "
-            "or set data.mask_prompt=false"
+            f"no record has a response within {key}={max_length} tokens; raise {key} or set data.mask_prompt=false"
         )
     return examples
 

@@ -139,7 +139,8 @@ def _pruning_hook(reporter: TrialReporter, run_cfg: RunConfig) -> StepHook:
             value = objective_so_far(history, evals)
         if value == value:  # NaN is never reported; the final result decides such a trial
             reporter.report(value, step)
-        return reporter.should_prune()
+        # a trial that ran every step is finished: pruning it now would save nothing
+        return step != last and reporter.should_prune()
 
     return hook
 

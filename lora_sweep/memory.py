@@ -17,7 +17,8 @@ _PROC_STATUS = Path("/proc/self/status")
 def reset_peak_memory(device: torch.device) -> bool:
     """Start measuring the peak here; False when the CPU's peak RSS cannot be reset."""
     if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
+        if torch.cuda.is_initialized():  # else nothing was allocated yet: the peak starts here anyway
+            torch.cuda.reset_peak_memory_stats(device)
         return True
     try:
         _CLEAR_REFS.write_text("5")  # 5: reset the peak RSS (VmHWM) to the current RSS

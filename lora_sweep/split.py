@@ -20,22 +20,27 @@ from lora_sweep.errors import DataError
 MIN_VAL_RECORDS = 4
 """A fractional ``data.val_size`` never holds out fewer records than this (a loss over one or
 two records is too noisy to rank trials by)."""
+MAX_VAL_RECORDS_FROM_FRACTION = 1000
+"""A fractional ``data.val_size`` holds out at most this many records: every evaluation runs the
+whole set, and 10 % of a 50k-record file would cost more than the training steps between
+evaluations. A count (``data.val_size=5000``) holds out exactly that many."""
 MIN_TRAIN_RECORDS = 1
 
 
 def val_count(n_records: int, val_size: float | int) -> int:
     """How many of ``n_records`` are held out: an int is a count; a float in (0, 1) a fraction,
-    rounded up and at least ``MIN_VAL_RECORDS``."""
+    rounded up, at least ``MIN_VAL_RECORDS`` and at most ``MAX_VAL_RECORDS_FROM_FRACTION``."""
     if isinstance(val_size, bool):
         raise DataError(f"data.val_size must be a fraction in (0, 1) or a record count, got {val_size!r}")
     if isinstance(val_size, int):
         count = val_size
     else:
-        count = max(MIN_VAL_RECORDS, math.ceil(val_size * n_records))
+        count = min(max(MIN_VAL_RECORDS, math.ceil(val_size * n_records)), MAX_VAL_RECORDS_FROM_FRACTION)
     if count < 1 or n_records - count < MIN_TRAIN_RECORDS:
         raise DataError(
-            f"data.val_size={val_size} leaves {n_records - count} training and {count} validation records "
-            f"of {n_records}; both need at least one: lower data.val_size, add records, or give data.val_path"
+            f"data.val_size={val_size} leaves {max(0, n_records - count)} training and {min(count, n_records)} "
+            f"validation records of {n_records}; both need at least one: lower data.val_size, add records, or "
+            "give data.val_path"
         )
     return count
 

@@ -286,40 +286,49 @@ def prepare(cfg: RunConfig, cache: TrialCache) -> Prepared:
     # model: seeded after loading and before the adapter is created, so LoRA A's init is
     # reproducible and the same whether the base model was loaded now or cached
     entry, hit = cache.checkout_model(model_dir, cfg.model, device)
-    try:
+    model = None
+    try:  # whatever fails from here on, the base model goes back to the cache without the adapter
         check_max_length(cfg.data.max_length, entry.model.config)  # a searched max_length
         seed_everything(cfg.train.seed)
         model = apply_lora(entry.model, cfg.lora)
+        trainable, _ = count_parameters(model)
+        eval_length = eval_max_length(cfg, entry.model.config)
+        val_examples = cache.examples(
+            val_key,
+            val_records,
+            tokenizer,
+            tok_key,
+            cfg.data,
+            max_length=eval_length,
+            length_key="data.eval_max_length",
+        )
+        loader = data_lib.make_dataloader(
+            dataset,
+            collator,
+            batch_size=cfg.train.batch_size,
+            seed=cfg.train.seed,
+            group_by_length=cfg.data.group_by_length,
+        )
+        return Prepared(
+            model=model,
+            loader=loader,
+            probe={k: v.to(device) for k, v in probe.items()},
+            vocab_size=int(cast(Any, model.get_base_model()).config.vocab_size),  # a transformers model
+            trainable_params=trainable,
+            adapted_modules=adapted_modules(model),
+            device=device,
+            cached=entry,
+            eval_batches=eval_batches(
+                val_examples,
+                tokenizer.pad_token_id,
+                tokens_per_batch=EVAL_TOKENS_PER_BATCH.get(device.type, EVAL_TOKENS_PER_BATCH["cuda"]),
+            ),
+            eval_key=(val_key, tok_key, cfg.data.template, eval_length, cfg.data.mask_prompt),
+            cache_hit=hit,
+        )
     except BaseException:
-        cache.give_back(entry, adapted=None)
+        cache.give_back(entry, adapted=model)
         raise
-    trainable, _ = count_parameters(model)
-    eval_length = eval_max_length(cfg, entry.model.config)
-    val_examples = cache.examples(val_key, val_records, tokenizer, tok_key, cfg.data, max_length=eval_length)
-    loader = data_lib.make_dataloader(
-        dataset,
-        collator,
-        batch_size=cfg.train.batch_size,
-        seed=cfg.train.seed,
-        group_by_length=cfg.data.group_by_length,
-    )
-    return Prepared(
-        model=model,
-        loader=loader,
-        probe={k: v.to(device) for k, v in probe.items()},
-        vocab_size=int(cast(Any, model.get_base_model()).config.vocab_size),  # a transformers model
-        trainable_params=trainable,
-        adapted_modules=adapted_modules(model),
-        device=device,
-        cached=entry,
-        eval_batches=eval_batches(
-            val_examples,
-            tokenizer.pad_token_id,
-            tokens_per_batch=EVAL_TOKENS_PER_BATCH.get(device.type, EVAL_TOKENS_PER_BATCH["cuda"]),
-        ),
-        eval_key=(val_key, tok_key, cfg.data.template, eval_length, cfg.data.mask_prompt),
-        cache_hit=hit,
-    )
 
 
 @contextlib.contextmanager

@@ -78,3 +78,15 @@ def test_an_explicit_validation_file_is_used_whole(compose_cfg, tmp_path: Path, 
     result = run_trial(_cfg(compose_cfg, tmp_path, f"data.val_path={val}"), tmp_path / "run")
     split = run_trial(_cfg(compose_cfg, tmp_path), tmp_path / "split")
     assert result.status == "success" and result.metrics["eval_loss_base"] != split.metrics["eval_loss_base"]
+
+
+def test_a_held_out_set_that_cannot_be_tokenized_is_refused_and_the_model_given_back(compose_cfg, tmp_path) -> None:
+    from lora_sweep.errors import DataError
+    from lora_sweep.trial import prepare
+
+    cache = TrialCache()
+    cfg = _cfg(compose_cfg, tmp_path, "data.mask_prompt=true", "data.eval_max_length=8")
+    with pytest.raises(DataError, match=r"within data\.eval_max_length=8 tokens; raise data\.eval_max_length"):
+        prepare(cfg, cache)
+    (entry,) = cache.models
+    assert not entry.in_use and not any("lora_" in name for name, _ in entry.model.named_modules())

@@ -16,6 +16,8 @@ TABLE = [
     ("p=choice(4,8,16)", CategoricalDistribution((4, 8, 16))),
     ("p=4,8,16", CategoricalDistribution((4, 8, 16))),
     ("p=choice(adamw,sgd)", CategoricalDistribution(("adamw", "sgd"))),
+    ("p='/a b','/c'", CategoricalDistribution(("/a b", "/c"))),  # quoted items of a simple comma sweep
+    ("p=choice('/a b',c)", CategoricalDistribution(("/a b", "c"))),
     ("p=range(8,33,8)", IntDistribution(8, 32, step=8)),  # stop excluded
     ("p=range(1,10)", IntDistribution(1, 9)),
     ("p=range(10,0,-2)", IntDistribution(2, 10, step=2)),

@@ -50,12 +50,31 @@ def test_hooks_load_from_a_dotted_path_and_default_to_no_ops() -> None:
     from lora_sweep.sweep_hooks import HOOKS
 
     assert load_hooks("lora_sweep.sweep_hooks.HOOKS") is HOOKS
+    assert load_hooks("lora_sweep.sweep_hooks") is HOOKS  # a module: its HOOKS object
     plain = load_hooks(None)
     assert type(plain) is SweepHooks and plain.objectives == {} and plain.on_recovered({}) is None
     assert plain.storage_dir({"results_dir": "r"}) is None  # a generic app: the sweep dir
     assert HOOKS.storage_dir({"results_dir": "r"}) == "r"  # lora_sweep: the study beside its CSV
     with pytest.raises(SweepHooksError, match="hydra.sweeper.hooks='no.such.thing' cannot be imported"):
         load_hooks("no.such.thing")
+
+
+def test_restore_sigint_gives_the_caller_its_handler_back() -> None:
+    import signal
+
+    from lora_sweep.sweep.runner import exit_on_next_sigint, restore_sigint
+
+    def mine(signum: int, frame: object) -> None:
+        return None
+
+    before = signal.signal(signal.SIGINT, mine)
+    try:
+        replaced = exit_on_next_sigint()
+        assert replaced is mine and signal.getsignal(signal.SIGINT) is not mine
+        restore_sigint(replaced)
+        assert signal.getsignal(signal.SIGINT) is mine
+    finally:
+        signal.signal(signal.SIGINT, before)
 
 
 def test_outcomes() -> None:

@@ -60,6 +60,7 @@ class LoraSweepSweeper(Sweeper):
             SweepAbortedError,
             SweepRunner,
             format_summary,
+            restore_sigint,
         )
 
         assert self.config is not None
@@ -78,10 +79,12 @@ class LoraSweepSweeper(Sweeper):
             code = EXIT_ABORTED if isinstance(exc, SweepAbortedError) else EXIT_USER_ERROR
             raise SystemExit(code) from None
         except KeyboardInterrupt:
+            restore_sigint(runner.previous_sigint)
             if runner.worker_id == 0:
+                running = ", ".join(map(str, runner.interrupted))
+                what = f"trial {running} queued again (not counted as failed)" if running else "no trial was running"
                 print(
-                    "lora_sweep: interrupted: the running trial was queued again (not counted as "
-                    "failed); run the same command again to resume",
+                    f"lora_sweep: interrupted: {what}; run the same command again to resume",
                     file=sys.stderr,
                     flush=True,
                 )

@@ -77,20 +77,27 @@ class _ModuleHooks(SweepHooks):
 
 
 def load_hooks(path: str | None) -> SweepHooks:
-    """The hooks object named by ``hydra.sweeper.hooks`` (``package.module`` or
-    ``package.module.NAME``); :class:`SweepHooks` when ``path`` is empty."""
+    """The hooks object named by ``hydra.sweeper.hooks``: ``package.module.NAME``, or a module
+    (its ``HOOKS`` object if it has one, else its module-level attributes); :class:`SweepHooks`
+    when ``path`` is empty."""
     if not path:
         return SweepHooks()
     module_name, _, attr = str(path).rpartition(".")
     try:
+        source: Any = importlib.import_module(str(path))
+    except ImportError as first:
+        if not module_name:
+            raise SweepHooksError(
+                f"hydra.sweeper.hooks={path!r} cannot be imported ({first}); give 'package.module.NAME'"
+            ) from first
         try:
-            source: Any = importlib.import_module(str(path))
-        except ImportError:
             source = getattr(importlib.import_module(module_name), attr)
-    except (ImportError, AttributeError, ValueError) as exc:
-        raise SweepHooksError(
-            f"hydra.sweeper.hooks={path!r} cannot be imported ({exc}); give 'package.module.NAME'"
-        ) from exc
+        except (ImportError, AttributeError) as exc:
+            raise SweepHooksError(
+                f"hydra.sweeper.hooks={path!r} cannot be imported ({exc}); give 'package.module.NAME'"
+            ) from exc
+    if isinstance(getattr(source, "HOOKS", None), SweepHooks):  # a module naming its hooks object
+        source = source.HOOKS
     if isinstance(source, type) and issubclass(source, SweepHooks):
         source = source()
     return source if isinstance(source, SweepHooks) else _ModuleHooks(source)

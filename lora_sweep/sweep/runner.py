@@ -61,7 +61,7 @@ EXIT_ABORTED = 1
 EXIT_INTERRUPTED = 130
 # After a Ctrl-C, how long worker 0 waits for its workers (they got the same SIGINT from the
 # terminal) before it sends them one itself (a SIGINT sent to worker 0 alone).
-WORKER_STOP_GRACE_S = 5.0
+WORKER_STOP_GRACE_S = 15.0
 
 
 class SweepError(RuntimeError):
@@ -160,14 +160,25 @@ def _storage_error(storage: str, exc: BaseException) -> str:
     return f"cannot open the study storage {study_mod.redact(storage)}: {first} ({hint})"
 
 
-def exit_on_next_sigint() -> None:
+def exit_on_next_sigint() -> Any:
     """After the first Ctrl-C the sweep records the interrupted trial; a second one exits at once
     (the records are single appends or transactions: nothing is left torn, and a trial left
-    RUNNING is recovered and re-queued by the next run)."""
+    RUNNING is recovered and re-queued by the next run). Returns the handler it replaced (None
+    when it could not install one), for `restore_sigint`."""
     try:
-        signal.signal(signal.SIGINT, lambda signum, frame: os._exit(EXIT_INTERRUPTED))
+        return signal.signal(signal.SIGINT, lambda signum, frame: os._exit(EXIT_INTERRUPTED))
     except ValueError:  # not the main thread: the default handler stays
-        pass
+        return None
+
+
+def restore_sigint(previous: Any) -> None:
+    """Put back the SIGINT handler `exit_on_next_sigint` replaced (an in-process caller, e.g. a
+    notebook, keeps its own Ctrl-C after an interrupted sweep)."""
+    if previous is not None:
+        try:
+            signal.signal(signal.SIGINT, previous)
+        except ValueError:
+            pass
 
 
 def _load_hook(path: str) -> Callable[[Any, Any], Any]:
@@ -271,6 +282,8 @@ class SweepRunner:
         self.study_name = ""
         self._hook: Callable[[Any, Any], Any] | None = None
         self.hooks: SweepHooks = SweepHooks()
+        self.interrupted: list[int] = []  # trials this process recorded as interrupted (Ctrl-C)
+        self.previous_sigint: Any = None  # the SIGINT handler to restore after a Ctrl-C
 
     # ----------------------------------------------------------------- setup
     def _app_config(self) -> Any:
@@ -504,7 +517,9 @@ class SweepRunner:
             reasons = []
             for t in self.study.get_trials(deepcopy=False, states=(TrialState.FAIL,)):
                 reason = t.user_attrs.get(study_mod.ATTR_REASON)
-                if reason and not t.user_attrs.get(study_mod.ATTR_STALE) and reason not in reasons:
+                if not study_mod.is_counted(t):  # stale, interrupted: not failed configurations
+                    continue
+                if reason and reason not in reasons:
                     reasons.append(str(reason))
             raise SweepAbortedError(
                 f"Aborting the sweep: {p.failed} of {p.finished} finished trials failed "
@@ -528,9 +543,10 @@ class SweepRunner:
             try:
                 returns = self.launcher.launch([o for _, o in batch], initial_job_idx=trials[0].number)
             except KeyboardInterrupt:
-                exit_on_next_sigint()
+                self._note_sigint_handler(exit_on_next_sigint())
                 for trial in trials:  # not a failed configuration: no penalty, queued again
                     study_mod.interrupt_trial(self.study, trial)
+                    self.interrupted.append(trial.number)
                     log.warning("[trial %d] interrupted; its params are queued again", trial.number)
                 raise
             except BaseException as exc:
@@ -565,6 +581,10 @@ class SweepRunner:
             log.info("Starting worker %d: %s", i, shlex.join(cmd))
             procs.append(subprocess.Popen(cmd, env=env))
         return procs
+
+    def _note_sigint_handler(self, replaced: Any) -> None:
+        if self.previous_sigint is None:  # keep the caller's own, not our exit handler
+            self.previous_sigint = replaced
 
     @staticmethod
     def _wait_workers(procs: Sequence[subprocess.Popen[bytes]], *, interrupted: bool) -> list[int]:
@@ -622,7 +642,7 @@ class SweepRunner:
             self._loop(target, batch_size)
         except KeyboardInterrupt:
             interrupted = True
-            exit_on_next_sigint()
+            self._note_sigint_handler(exit_on_next_sigint())
             raise
         finally:
             codes = self._wait_workers(procs, interrupted=interrupted)

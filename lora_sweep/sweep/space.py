@@ -33,7 +33,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from hydra.core.override_parser.overrides_parser import OverridesParser
-from hydra.core.override_parser.types import ChoiceSweep, IntervalSweep, Override, RangeSweep
+from hydra.core.override_parser.types import ChoiceSweep, IntervalSweep, Override, QuotedString, RangeSweep
 
 _INT_LITERAL = re.compile(r"^[+-]?\d+$")
 _INTERVAL_ARGS = re.compile(r"interval\(\s*([^,()]+?)\s*,\s*([^,()]+?)\s*\)")
@@ -130,7 +130,9 @@ def to_distribution(override: Override) -> Any:
         if log or "int" in tags:
             raise _fail(line, "tags log/int apply to interval/range, not choice")
         choices = []
-        for item in value.list:  # the parser has already unquoted quoted strings
+        for item in value.list:
+            if isinstance(item, QuotedString):  # a simple comma sweep keeps the quotes' wrapper
+                item = item.text
             if not (item is None or isinstance(item, (bool, int, float, str))):
                 raise _fail(
                     line,
