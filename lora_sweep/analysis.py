@@ -40,6 +40,7 @@ from lora_sweep.results import (
     read_rows,
 )
 from lora_sweep.sweep.study import ATTR_PENALTY_FOR, JOURNAL_NAME, normalize_storage, open_storage
+from lora_sweep.sweep_hooks import LEARNED_SHARE
 
 if TYPE_CHECKING:
     import optuna
@@ -81,6 +82,10 @@ METRIC_DIRECTIONS: dict[str, str] = {
     "grad_volatility": "minimize",
     "duration_s": "minimize",
     "peak_mem_mb": "minimize",
+    "eval_loss": "minimize",
+    "best_eval_loss": "minimize",
+    "eval_improvement": "maximize",
+    "generalization_gap": "minimize",
 }
 """Which way is better for the metrics the helpers rank by."""
 
@@ -457,8 +462,9 @@ def best_trials(
     metric: str = "stability_index",
     direction: str | None = None,
     feasible_only: bool = True,
+    learned_share: float | None = LEARNED_SHARE,
 ) -> pd.DataFrame:
-    """The best COMPLETE trials by a metric ("best" = best feasible, as in the sweep).
+    """The best COMPLETE trials by a metric, chosen as the sweep's summary chooses its best.
 
     Args:
         trials: Rows of :func:`load_trials`.
@@ -466,7 +472,9 @@ def best_trials(
         metric: Column to rank by.
         direction: ``"maximize"`` or ``"minimize"``; default from :data:`METRIC_DIRECTIONS`.
         feasible_only: Drop infeasible trials (``feasible`` from the study's constraints, or
-            the CSV's ``learned`` flag).
+            the CSV's ``learned`` flag) and, with ``learned_share``, those whose
+            ``eval_improvement`` is below that share of the largest of the COMPLETE trials.
+        learned_share: See ``feasible_only``; None ranks every feasible trial.
 
     Returns:
         Up to ``n`` rows, best first, index reset.
@@ -475,6 +483,11 @@ def best_trials(
     pool = trials[trials["state"] == "COMPLETE"]
     if feasible_only:
         pool = pool[_feasible_mask(pool)]
+        if learned_share is not None and "eval_improvement" in trials.columns:
+            gains = pd.to_numeric(trials.loc[trials["state"] == "COMPLETE", "eval_improvement"], errors="coerce")
+            top = gains[np.isfinite(gains)].max() if len(gains) else float("nan")
+            if np.isfinite(top) and top > 0:
+                pool = pool[pd.to_numeric(pool["eval_improvement"], errors="coerce") >= learned_share * top]
     pool = pool[np.isfinite(pool[metric].astype("float64"))]
     return pool.sort_values(metric, ascending=ascending, kind="stable").head(n).reset_index(drop=True)
 

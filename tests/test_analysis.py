@@ -268,6 +268,10 @@ def test_best_trials_are_feasible_and_complete(results_dir: Path) -> None:
     with pytest.raises(ValueError, match="direction"):
         analysis.best_trials(trials, metric="lora.r")
     assert list(analysis.best_trials(trials, metric="lora.r", direction="maximize")["trial_number"]) == [1, 0, 6]
+    # as the sweep's summary: only trials that learned at least half the largest held-out improvement
+    held_out = trials.assign(eval_improvement=trials["trial_number"].map({0: 0.1, 1: 0.4, 2: 0.5, 6: 0.3}))
+    assert list(analysis.best_trials(held_out)["trial_number"]) == [6, 1]  # 0 learned 0.1 < 0.5 x 0.5
+    assert list(analysis.best_trials(held_out, learned_share=None)["trial_number"]) == [0, 6, 1]
 
 
 def test_pareto_front(results_dir: Path) -> None:
