@@ -40,7 +40,7 @@ from lora_sweep.results import (
     read_rows,
 )
 from lora_sweep.sweep.study import ATTR_PENALTY_FOR, JOURNAL_NAME, normalize_storage, open_storage
-from lora_sweep.sweep_hooks import LEARNED_SHARE
+from lora_sweep.sweep_hooks import LEARNED_SHARE, learner_bar
 
 if TYPE_CHECKING:
     import optuna
@@ -485,9 +485,9 @@ def best_trials(
         pool = pool[_feasible_mask(pool)]
         if learned_share is not None and "eval_improvement" in trials.columns:
             gains = pd.to_numeric(trials.loc[trials["state"] == "COMPLETE", "eval_improvement"], errors="coerce")
-            top = gains[np.isfinite(gains)].max() if len(gains) else float("nan")
-            if np.isfinite(top) and top > 0:
-                pool = pool[pd.to_numeric(pool["eval_improvement"], errors="coerce") >= learned_share * top]
+            bar = learner_bar(gains.tolist(), share=learned_share)
+            if bar is not None:
+                pool = pool[pd.to_numeric(pool["eval_improvement"], errors="coerce") >= bar]
     pool = pool[np.isfinite(pool[metric].astype("float64"))]
     return pool.sort_values(metric, ascending=ascending, kind="stable").head(n).reset_index(drop=True)
 

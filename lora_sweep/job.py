@@ -109,15 +109,13 @@ def _pruning_hook(reporter: TrialReporter, run_cfg: RunConfig) -> StepHook:
     maximize = reporter.direction == "maximize"
     every, last = reporter.context.report_every, run_cfg.train.max_steps
 
-    def eval_value(evals: list[EvalPoint]) -> float:
-        loss, base = evals[-1].loss, evals[0].loss
-        return 1.0 - loss / base if maximize else loss
+    def eval_so_far(history: list[StepRecord], evals: list[EvalPoint]) -> dict[str, object]:
+        points = [(e.step, e.loss) for e in evals]  # NaN values until the first eval after step 0
+        return eval_summary(points, final_loss=history[-1].loss, min_improvement=run_cfg.train.min_improvement)
 
     def objective_so_far(history: list[StepRecord], evals: list[EvalPoint]) -> float:
-        if objective in EVAL_METRICS:  # NaN until the first evaluation after step 0
-            points = [(e.step, e.loss) for e in evals]
-            summary = eval_summary(points, final_loss=history[-1].loss, min_improvement=run_cfg.train.min_improvement)
-            return float(cast(float, summary[objective]))
+        if objective in EVAL_METRICS:
+            return float(cast(float, eval_so_far(history, evals)[objective]))
         metrics = compute_metrics(
             [s.loss for s in history],
             [s.grad_norm for s in history],
@@ -132,7 +130,7 @@ def _pruning_hook(reporter: TrialReporter, run_cfg: RunConfig) -> StepHook:
         if run_cfg.train.prune_on == "eval":
             if len(evals) < 2 or evals[-1].step != step:
                 return False  # held-out losses exist at eval steps only
-            value = eval_value(evals)
+            value = float(cast(float, eval_so_far(history, evals)["eval_improvement" if maximize else "eval_loss"]))
         else:
             if step % every and step != last:
                 return False  # reports are storage writes: every `hydra.sweeper.report_every` steps

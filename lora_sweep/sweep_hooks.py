@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import math
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -42,18 +43,23 @@ def _completed(study: Any) -> list[Any]:
     ]
 
 
+def learner_bar(gains: Iterable[float | None], share: float = LEARNED_SHARE) -> float | None:
+    """The held-out improvement a trial needs to count among the learners: `share` of the largest
+    finite one in `gains` (the completed trials'); None (no bar) when none is positive."""
+    finite = [g for g in gains if g is not None and math.isfinite(g)]
+    top = max(finite, default=None)
+    return share * top if top is not None and top > 0 else None
+
+
 def learners(study: Any) -> list[Any]:
-    """Completed, feasible trials whose held-out improvement is at least `LEARNED_SHARE` of the
-    largest among the completed trials (all feasible ones when no trial reports one)."""
+    """Completed, feasible trials whose held-out improvement clears `learner_bar` (all feasible
+    ones when no trial reports one)."""
     completed = _completed(study)
-    gains = [g for g in (_number(t.user_attrs.get("eval_improvement")) for t in completed) if g is not None]
-    top = max(gains, default=None)
+    bar = learner_bar(_number(t.user_attrs.get("eval_improvement")) for t in completed)
     chosen = []
     for trial in completed:
         gain = _number(trial.user_attrs.get("eval_improvement"))
-        if not _feasible(trial):
-            continue
-        if top is None or top <= 0 or (gain is not None and gain >= LEARNED_SHARE * top):
+        if _feasible(trial) and (bar is None or (gain is not None and gain >= bar)):
             chosen.append(trial)
     return chosen
 
