@@ -20,9 +20,10 @@ from typing import Any, NoReturn
 
 from lora_sweep.errors import ConfigError
 
-ATTN_IMPLEMENTATIONS = ("sdpa", "eager")
+ATTN_IMPLEMENTATIONS = ("auto", "sdpa", "eager")
 DTYPES = ("float32", "bfloat16", "float16")
-TEMPLATES = ("alpaca", "plain")
+TEMPLATES = ("alpaca", "plain", "chat")
+TRAIN_ON = ("assistant", "all")
 PADDINGS = ("longest", "max_length")
 LR_SCHEDULERS = ("cosine", "linear", "constant")
 PRECISIONS = ("auto", "fp32", "bf16")
@@ -79,7 +80,9 @@ class ModelConfig:
 
     name: str = documented("model option name, e.g. tiny_llama or local")
     path: str | None = documented("checkpoint directory (empty: the embedded tiny Llama)")
-    attn_implementation: str = documented("attention kernel: sdpa or eager", default="sdpa")
+    attn_implementation: str = documented(
+        "attention kernel: auto (SDPA where the model has it, else eager), sdpa or eager", default="auto"
+    )
     dtype: str = documented("dtype of the base weights (LoRA weights stay float32)", default="float32")
     trust_remote_code: bool = documented("whether the checkpoint's own modelling code may run", default=False)
     self_check: bool = documented("whether the start-up self-check ran (true/false)", default=True)
@@ -98,9 +101,18 @@ class DataConfig:
 
     name: str = documented("data option name, e.g. sanity or alpaca")
     path: str | None = documented("training data file (empty: the embedded sanity samples)")
-    template: str = documented("prompt template: alpaca or plain", default="alpaca")
+    template: str = documented(
+        "record format and prompt: alpaca or plain (instruction records), chat (conversations, the tokenizer's "
+        "chat template)",
+        default="alpaca",
+    )
     max_length: int = documented("maximum tokens per sequence", default=256)
-    mask_prompt: bool = documented("train on the response only, prompt labels masked (true/false)", default=False)
+    mask_prompt: bool = documented(
+        "instruction records: train on the response only, prompt labels masked (true/false)", default=False
+    )
+    train_on: str = documented(
+        "chat: the tokens trained on, assistant (assistant turns only) or all (every token)", default="assistant"
+    )
     padding: str = documented("batch padding: longest (each batch to its longest) or max_length", default="longest")
     group_by_length: bool = documented("batches of similar lengths (true/false)", default=False)
     val_size: float = documented(
@@ -120,6 +132,7 @@ class DataConfig:
         _check_choice("data.template", self.template, TEMPLATES)
         _check_int("data.max_length", self.max_length, MIN_MAX_LENGTH, "256")
         _check_bool("data.mask_prompt", self.mask_prompt)
+        _check_choice("data.train_on", self.train_on, TRAIN_ON)
         _check_choice("data.padding", self.padding, PADDINGS)
         _check_bool("data.group_by_length", self.group_by_length)
         _check_float("data.val_size", self.val_size, low=0.0, low_open=True, example="0.1")
@@ -175,7 +188,10 @@ class TrainConfig:
 
     lr: float = documented("peak learning rate")
     max_steps: int = documented("optimizer steps requested")
-    batch_size: int = documented("sequences per optimizer step")
+    batch_size: int = documented("sequences per micro-batch (per optimizer step: batch_size x grad_accum_steps)")
+    grad_accum_steps: int = documented(
+        "micro-batches per optimizer step; the loss is averaged over all their label tokens", default=1
+    )
     seed: int = documented("random seed", default=0)
     warmup_steps: int = documented("learning-rate warm-up steps (W in the metrics)", default=0)
     lr_scheduler: str = documented("learning-rate schedule after warm-up", default="cosine")
@@ -199,6 +215,7 @@ class TrainConfig:
         _check_float("train.lr", self.lr, low=0.0, low_open=True, high=10.0, example="1e-3")
         _check_int("train.max_steps", self.max_steps, 1, "60")
         _check_int("train.batch_size", self.batch_size, 1, "8")
+        _check_int("train.grad_accum_steps", self.grad_accum_steps, 1, "4")
         _check_int("train.seed", self.seed, 0, "0")
         _check_int("train.warmup_steps", self.warmup_steps, 0, "5")
         if self.warmup_steps >= self.max_steps:
