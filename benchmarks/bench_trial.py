@@ -10,7 +10,7 @@ every variant alike and the ratios stay meaningful.
 
 Model: an ~8M-parameter random-init Llama with GQA (10 layers, hidden 256, 4 query / 2 KV
 heads), the size of DESIGN.md's throughput measurements, built in a temp dir with the
-embedded tokenizer. LoRA as the CLI's default `lora=qv` (r 8, alpha 16, dropout 0.05, q_proj
+embedded tokenizer. LoRA as the CLI's default (`lora=default`, peft's Llama targets; r 8, alpha 16, dropout 0.05, q_proj
 and v_proj) for every variant.
 
 Data (`--data PATH`, see `benchmark_records`; the data used is printed): an Alpaca-format file,
@@ -63,7 +63,7 @@ from lora_sweep.train import train_loop  # noqa: E402
 SEED_TASKS_ENV = "LORA_SWEEP_SEED_TASKS"  # the real seed tasks, reached only through an explicit path
 LR, WARMUP, SEED, BATCH, MAX_LENGTH = 1e-3, 2, 0, 8, 512
 MIN_TEXT_TOKENS = 20
-LORA = LoraSettings(r=8, alpha=16.0, dropout=0.05)  # conf/lora/qv.yaml
+LORA = LoraSettings(r=8, alpha=16.0, dropout=0.05)  # conf/lora/default.yaml on Llama
 NO_DROPOUT = LoraSettings(r=8, alpha=16.0, dropout=0.0)
 
 

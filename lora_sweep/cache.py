@@ -22,9 +22,10 @@ import torch
 from torch import nn
 
 from lora_sweep import data as data_lib
+from lora_sweep.chat import load_conversations, tokenize_conversations
 from lora_sweep.config import DataConfig, ModelConfig
 from lora_sweep.evaluate import EvalResult
-from lora_sweep.model import load_model, load_tokenizer
+from lora_sweep.model import attn_implementation_for, load_model, load_tokenizer
 
 if TYPE_CHECKING:
     from peft import PeftModel
@@ -63,7 +64,7 @@ class TrialCache:
         self.max_datasets = max_datasets
         self._models: OrderedDict[tuple, CachedModel] = OrderedDict()
         self._tokenizers: dict[tuple, Any] = {}
-        self._records: dict[tuple, list[dict[str, str]]] = {}
+        self._records: dict[tuple, list[Any]] = {}
         self._examples: OrderedDict[tuple, list[data_lib.Example]] = OrderedDict()
 
     @property
@@ -71,14 +72,15 @@ class TrialCache:
         """The cached base models, least recently used first."""
         return list(self._models.values())
 
-    def records(self, path: Path) -> tuple[tuple, list[dict[str, str]]]:
-        """(key, records) of a data file; raises `DataError` on a bad file."""
+    def records(self, path: Path, *, chat: bool = False) -> tuple[tuple, list[Any]]:
+        """(key, records) of a data file: instruction records, or conversations with `chat`;
+        raises `DataError` on a bad file."""
         data_lib.check_data_file(path)  # before fingerprint() stats it
-        key = fingerprint(path)
+        key = (*fingerprint(path), "chat" if chat else "instruction")
         if key not in self._records:
             while len(self._records) >= MAX_FILES:
                 self._records.pop(next(iter(self._records)))
-            self._records[key] = data_lib.load_records(path)
+            self._records[key] = load_conversations(path) if chat else data_lib.load_records(path)
         return key, self._records[key]
 
     def tokenizer(self, model_dir: Path, cfg: ModelConfig) -> tuple[Any, tuple]:
@@ -92,29 +94,36 @@ class TrialCache:
     def examples(
         self,
         records_key: tuple,
-        records: list[dict[str, str]],
+        records: list[Any],
         tokenizer: Any,
         tokenizer_key: tuple,
         cfg: DataConfig,
         *,
         max_length: int | None = None,
         length_key: str = "data.max_length",
+        model: str = "the model",
     ) -> list[data_lib.Example]:
-        """The records tokenized for `cfg` (template, mask_prompt, and `max_length`, by default
-        `cfg.max_length`; `length_key` names that setting in messages)."""
+        """The records tokenized for `cfg` (template, mask_prompt or train_on, and `max_length`,
+        by default `cfg.max_length`; `length_key` names that setting and `model` the checkpoint
+        in messages)."""
         max_length = cfg.max_length if max_length is None else max_length
-        key = (records_key, tokenizer_key, cfg.template, max_length, cfg.mask_prompt)
+        key = (records_key, tokenizer_key, cfg.template, max_length, cfg.mask_prompt, cfg.train_on)
         if key in self._examples:
             self._examples.move_to_end(key)
             return self._examples[key]
-        examples = data_lib.tokenize_records(
-            records,
-            tokenizer,
-            template=cfg.template,
-            max_length=max_length,
-            mask_prompt=cfg.mask_prompt,
-            key=length_key,
-        )
+        if cfg.template == "chat":
+            examples = tokenize_conversations(
+                records, tokenizer, max_length=max_length, train_on=cfg.train_on, key=length_key, model=model
+            )
+        else:
+            examples = data_lib.tokenize_records(
+                records,
+                tokenizer,
+                template=cfg.template,
+                max_length=max_length,
+                mask_prompt=cfg.mask_prompt,
+                key=length_key,
+            )
         self._examples[key] = examples
         while len(self._examples) > self.max_datasets:
             self._examples.popitem(last=False)
@@ -123,7 +132,9 @@ class TrialCache:
     def checkout_model(self, model_dir: Path, cfg: ModelConfig, device: torch.device) -> tuple[CachedModel, bool]:
         """(entry, hit): the base model for this checkpoint/dtype/attention/device, loaded on a
         miss, marked in use until `give_back`."""
-        key = (fingerprint(model_dir), cfg.dtype, cfg.attn_implementation, cfg.trust_remote_code, str(device))
+        # by the implementation the model gets (`auto` resolved), so `auto` and its resolution share it
+        attn = attn_implementation_for(model_dir, cfg)
+        key = (fingerprint(model_dir), cfg.dtype, attn, cfg.trust_remote_code, str(device))
         entry = self._models.get(key)
         if entry is not None and not entry.in_use:
             self._models.move_to_end(key)

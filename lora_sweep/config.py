@@ -100,7 +100,9 @@ class DataConfig:
     """Which records to train on and how to turn them into token batches."""
 
     name: str = documented("data option name, e.g. sanity or alpaca")
-    path: str | None = documented("training data file (empty: the embedded sanity samples)")
+    path: str | None = documented(
+        "training data: JSON, JSONL, Parquet or a save_to_disk directory (empty: the embedded sanity samples)"
+    )
     template: str = documented(
         "record format and prompt: alpaca or plain (instruction records), chat (conversations, the tokenizer's "
         "chat template)",
@@ -119,7 +121,9 @@ class DataConfig:
         "held-out records: a fraction (< 1, at least 4 records) or a count (>= 1); ignored with val_path",
         default=0.1,
     )
-    val_path: str | None = documented("validation data file (empty: split val_size off data.path)", default=None)
+    val_path: str | None = documented(
+        "validation data, in any format data.path takes (empty: split val_size off data.path)", default=None
+    )
     val_seed: int = documented("seed of the validation split (independent of train.seed)", default=0)
     eval_max_length: int | None = documented(
         "tokens per held-out sequence, fixed for the whole sweep whatever data.max_length a trial "
@@ -133,6 +137,11 @@ class DataConfig:
         _check_int("data.max_length", self.max_length, MIN_MAX_LENGTH, "256")
         _check_bool("data.mask_prompt", self.mask_prompt)
         _check_choice("data.train_on", self.train_on, TRAIN_ON)
+        if self.template == "chat" and self.mask_prompt:
+            raise ConfigError(
+                "data.mask_prompt applies to instruction records; with data.template=chat the loss is on the "
+                "assistant turns by default (data.train_on=assistant): drop data.mask_prompt=true"
+            )
         _check_choice("data.padding", self.padding, PADDINGS)
         _check_bool("data.group_by_length", self.group_by_length)
         _check_float("data.val_size", self.val_size, low=0.0, low_open=True, example="0.1")

@@ -8,9 +8,7 @@ otherwise be "predicted" from a pad).
 
 from __future__ import annotations
 
-import json
 import logging
-import os
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,6 +17,8 @@ from typing import Any
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
+from lora_sweep.datafiles import check_data_file as check_data_file  # re-exported: callers check before they stat
+from lora_sweep.datafiles import read_records
 from lora_sweep.errors import DataError
 
 log = logging.getLogger(__name__)
@@ -47,62 +47,14 @@ TEMPLATES = {
 }
 
 
-def check_data_file(path: Path) -> None:
-    """Refuse a data path that is not a readable file (before anything stats or reads it)."""
-    path = Path(path)
-    if not path.exists():
-        problem = "data file not found"
-    elif not path.is_file():
-        problem = "data path is not a file"
-    elif not os.access(path, os.R_OK):
-        problem = "data file is not readable"
-    else:
-        return
-    raise DataError(f"{problem}: {path} (set data.path to a readable JSON or JSONL file)")
-
-
 def load_records(path: Path) -> list[dict[str, str]]:
-    """Load and validate a JSON list or a JSONL file of instruction records."""
+    """Read (any format `lora_sweep.datafiles` reads: JSON, JSONL, Parquet, a `save_to_disk`
+    directory) and validate instruction records."""
     path = Path(path)
-    check_data_file(path)
-    try:
-        text = path.read_bytes().decode("utf-8")
-    except OSError as err:
-        raise DataError(f"cannot read the data file {path}: {err.strerror} (set data.path to a readable file)") from err
-    except UnicodeDecodeError as err:
-        raise DataError(f"{path} is not UTF-8 text (bad byte at offset {err.start}); re-encode it as UTF-8") from err
-    stripped = text.lstrip("\ufeff \t\r\n")
-    if not stripped:
-        raise DataError(f"{path} is empty; it must hold a JSON list of records or one JSON record per line")
-    raw = _parse_json_list(path, stripped) if stripped[0] == "[" else _parse_jsonl(path, text)
+    raw = read_records(path)
     if not raw:
         raise DataError(f"{path} holds no records; add at least one {{'instruction', 'input', 'output'}} record")
     return [_validate_record(path, i, rec) for i, rec in enumerate(raw)]
-
-
-def _parse_json_list(path: Path, text: str) -> list[Any]:
-    try:
-        data = json.loads(text)
-    except json.JSONDecodeError as err:
-        raise DataError(f"{path} is not valid JSON: {err.msg} at line {err.lineno} column {err.colno}") from err
-    if not isinstance(data, list):
-        raise DataError(f"{path} must hold a JSON list of records, found a {type(data).__name__}")
-    return data
-
-
-def _parse_jsonl(path: Path, text: str) -> list[Any]:
-    records = []
-    for lineno, line in enumerate(text.splitlines(), start=1):
-        if not line.strip():
-            continue
-        try:
-            records.append(json.loads(line))
-        except json.JSONDecodeError as err:
-            raise DataError(
-                f"{path} line {lineno} is not valid JSON ({err.msg}); the file must be a JSON list "
-                "or hold one JSON record per line"
-            ) from err
-    return records
 
 
 def _validate_record(path: Path, index: int, record: Any) -> dict[str, str]:
@@ -135,10 +87,23 @@ def format_prompt(record: Mapping[str, str], template: str) -> str:
 
 @dataclass(frozen=True)
 class Example:
-    """One tokenized record: unpadded ids and labels (IGNORE_INDEX on masked prompt tokens)."""
+    """One tokenized record: unpadded ids and labels (IGNORE_INDEX on masked prompt tokens);
+    for a conversation, which tokens are assistant text (`lora_sweep.chat`)."""
 
     input_ids: tuple[int, ...]
     labels: tuple[int, ...]
+    assistant_mask: tuple[bool, ...] | None = None
+
+
+def added_prefix(tokenizer: Any) -> list[int]:
+    """The special tokens the tokenizer itself puts before a text (BOS for Llama and Gemma,
+    nothing for GPT-2 or Qwen): BOS is added the way the checkpoint adds it, never twice."""
+    plain = tokenizer("x", add_special_tokens=False)["input_ids"]
+    full = tokenizer("x", add_special_tokens=True)["input_ids"]
+    for start in range(len(full) - len(plain) + 1):
+        if full[start : start + len(plain)] == plain:
+            return list(full[:start])
+    return []
 
 
 def tokenize_records(
@@ -152,15 +117,16 @@ def tokenize_records(
 ) -> list[Example]:
     """Tokenize prompt and response separately (so the boundary is exact), append EOS, truncate.
 
-    BOS is prepended when the tokenizer has one. Records whose labels are all masked after
-    truncation (prompt longer than max_length with mask_prompt) are dropped with a warning;
-    `key` names the length setting in messages (the held-out set's is `data.eval_max_length`).
+    The prompt starts with the special tokens the tokenizer adds itself (`added_prefix`).
+    Records whose labels are all masked after truncation (prompt longer than max_length with
+    mask_prompt) are dropped with a warning; `key` names the length setting in messages (the
+    held-out set's is `data.eval_max_length`).
     """
     if tokenizer.eos_token_id is None:
         raise DataError(
             "the tokenizer has no EOS token; set tokenizer.eos_token in the checkpoint's tokenizer_config.json"
         )
-    bos = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
+    bos = added_prefix(tokenizer)
     examples, dropped = [], 0
     for record in records:
         prompt_ids = bos + tokenizer(format_prompt(record, template), add_special_tokens=False)["input_ids"]

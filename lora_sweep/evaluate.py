@@ -67,17 +67,21 @@ def eval_batches(
     ]
 
 
-def summed_loss(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, int]:
-    """(sum of next-token cross-entropies over labels != -100, their count) of one batch, the
-    same shift as the model's own loss (position i predicts label i + 1). Taken in fp32 one row
-    at a time, so no fp32 copy of the whole batch's logits is ever made."""
-    shifted = labels[:, 1:]
-    total = torch.zeros((), dtype=torch.float32, device=logits.device)
-    for row in range(logits.shape[0]):
-        total += nn.functional.cross_entropy(
-            logits[row, :-1].float(), shifted[row], ignore_index=IGNORE_INDEX, reduction="sum"
-        )
-    return total, int((shifted != IGNORE_INDEX).sum())
+def label_count(labels: torch.Tensor) -> int:
+    """How many labels of a batch are predicted: those != -100 after the first position (no
+    token precedes it). Counted on the tensor's device: a CPU batch costs no device sync."""
+    return int((labels[:, 1:] != IGNORE_INDEX).sum())
+
+
+def loss_sum(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """The sum of next-token cross-entropies over labels != -100 of a [B, S] batch, in fp32,
+    shifted as transformers' ForCausalLMLoss: position i predicts label i + 1, the last
+    position nothing (the labels are shifted and padded, not the logits: fp32 logits are not copied).
+    Differentiable: the training loss is this over the step's `label_count`."""
+    shifted = nn.functional.pad(labels[:, 1:], (0, 1), value=IGNORE_INDEX)
+    return nn.functional.cross_entropy(
+        logits.flatten(0, 1).float(), shifted.flatten(), ignore_index=IGNORE_INDEX, reduction="sum"
+    )
 
 
 @torch.no_grad()
@@ -101,9 +105,10 @@ def evaluate_loss(
             inputs = {k: v.to(device, non_blocking=True) for k, v in batch.items() if k != "labels"}
             with autocast():
                 logits = model(**inputs).logits
-            batch_sum, batch_count = summed_loss(logits, batch["labels"].to(device))
-            total += batch_sum.double()
-            count += batch_count
+            labels = batch["labels"].to(device)
+            for row in range(len(logits)):  # one row at a time: never an fp32 copy of the whole batch's logits
+                total += loss_sum(logits[row : row + 1], labels[row : row + 1]).double()
+            count += label_count(batch["labels"])  # the CPU batch's: no device sync
     finally:
         model.train(was_training)
     loss = float(total) / count if count else float("nan")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import logging
 from typing import TYPE_CHECKING, cast
 
@@ -21,16 +22,15 @@ log = logging.getLogger(__name__)
 def apply_lora(model: nn.Module, settings: LoraSettings) -> PeftModel:
     """Freeze the base weights and add a LoRA adapter; returns the peft model.
 
-    Raises `LoraTargetError` before anything is injected when `lora.target_modules` is null
-    and peft has no default for the model type, and when `lora.r` exceeds a targeted layer's
-    smallest dimension; when the targets match no module, peft's injection is refused the same way.
+    The targets are `resolve_targets`'s. Raises `LoraTargetError` before anything is injected
+    when `lora.r` exceeds a targeted layer's smallest dimension; when the targets match no
+    module, peft's injection is refused the same way.
     """
     from peft import get_peft_model
 
-    check_default_targets(model, settings)
     check_rank(model, settings)
     try:
-        peft_model = get_peft_model(model, _peft_config(settings, r=settings.r))
+        peft_model = get_peft_model(model, _peft_config(model, settings, r=settings.r))
     except ValueError as err:
         raise _no_match(model, settings) from err
     if next(peft_model.parameters()).device.type == "cpu":
@@ -57,17 +57,30 @@ def adapted_modules(peft_model: PeftModel) -> list[str]:
     return sorted({name.rsplit(".", 1)[-1] for name in layers})
 
 
-def check_default_targets(model: nn.Module, settings: LoraSettings) -> None:
-    """`lora.target_modules=null` asks for peft's default modules of the model type: refuse it
-    where peft has none, listing the modules that can be named instead."""
-    from peft.utils import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING
+def resolve_targets(model: nn.Module, settings: LoraSettings) -> list[str] | str | None:
+    """What peft is given as `target_modules`: `lora.target_modules` as set (a list, or
+    `all-linear`); for null, None where peft has a default for the model type (peft picks it,
+    e.g. q_proj,v_proj for Llama, c_attn for GPT-2), else `all-linear` (every linear and Conv1D
+    layer but the output head), logged once per model type."""
+    from peft.utils import INCLUDE_LINEAR_LAYERS_SHORTHAND, TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING
 
+    targets = settings.target_modules
+    if targets is not None:
+        return list(targets) if isinstance(targets, tuple) else targets
     model_type = getattr(getattr(model, "config", None), "model_type", None)
-    if settings.target_modules is None and model_type not in TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING:
-        raise LoraTargetError(
-            f"lora.target_modules=null: peft has no default target modules for model type {model_type!r}; "
-            f"set lora.target_modules to a list of: {', '.join(adaptable_module_names(model))} (or all-linear)"
-        )
+    if model_type in TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING:
+        return None
+    _log_all_linear_fallback(model_type)
+    return INCLUDE_LINEAR_LAYERS_SHORTHAND
+
+
+@functools.cache  # once per process and model type, not once per trial of a sweep
+def _log_all_linear_fallback(model_type: str | None) -> None:
+    log.info(
+        "lora.target_modules=null: peft has no default target modules for model type %r; adapting all linear "
+        "layers (all-linear)",
+        model_type,
+    )
 
 
 def check_rank(model: nn.Module, settings: LoraSettings) -> None:
@@ -100,7 +113,7 @@ def targeted_layers(model: nn.Module, settings: LoraSettings) -> dict[str, tuple
 
     with torch.random.fork_rng(devices=[]):  # a trial's seeded draws never depend on this
         try:
-            probe = get_peft_model(model, _peft_config(settings, r=1), low_cpu_mem_usage=True)
+            probe = get_peft_model(model, _peft_config(model, settings, r=1), low_cpu_mem_usage=True)
         except ValueError as err:
             raise _no_match(model, settings) from err
     try:
@@ -122,6 +135,18 @@ def _is_linear(module: nn.Module) -> bool:
     from transformers.pytorch_utils import Conv1D
 
     return isinstance(module, (nn.Linear, Conv1D))
+
+
+def _conv1d_only(model: nn.Module) -> bool:
+    """Whether every adaptable layer but the output head is a Conv1D (GPT-2 style), whose
+    weight is stored (in, out): peft's `fan_in_fan_out`, set here rather than by peft with a
+    warning per layer."""
+    from transformers.pytorch_utils import Conv1D
+
+    get_head = getattr(model, "get_output_embeddings", None)
+    head = get_head() if callable(get_head) else None
+    layers = [m for m in model.modules() if _is_linear(m) and m is not head]
+    return bool(layers) and all(isinstance(m, Conv1D) for m in layers)
 
 
 def _layer_dims(module: nn.Module) -> tuple[int, int] | None:
@@ -147,15 +172,15 @@ def _no_match(model: nn.Module, settings: LoraSettings) -> LoraTargetError:
     )
 
 
-def _peft_config(settings: LoraSettings, *, r: int) -> LoraConfig:
+def _peft_config(model: nn.Module, settings: LoraSettings, *, r: int) -> LoraConfig:
     from peft import LoraConfig
 
-    targets = settings.target_modules
     return LoraConfig(
         r=r,
         lora_alpha=cast(int, settings.alpha),  # peft annotates int but scales by any float alpha
         lora_dropout=settings.dropout,
-        target_modules=list(targets) if isinstance(targets, tuple) else targets,
+        target_modules=resolve_targets(model, settings),
+        fan_in_fan_out=_conv1d_only(model),
         use_rslora=settings.use_rslora,
         bias="none",
         task_type="CAUSAL_LM",

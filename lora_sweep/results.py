@@ -96,6 +96,7 @@ _OUTCOME_COLUMNS: tuple[tuple[str, type, str], ...] = (
     ("trainable_params", int, "number of trainable (LoRA) parameters"),
     ("adapted_modules", str, "comma-separated modules LoRA adapted (what lora.target_modules resolved to)"),
     ("precision", str, "precision the run trained in: fp32 or bf16"),
+    ("attn_implementation", str, "attention kernel the run used: sdpa or eager (model.attn_implementation resolved)"),
     ("device", str, "device the run used, e.g. cuda:0 or cpu"),
     ("run_dir", str, "path of the run's directory (config, metrics, step log)"),
 )

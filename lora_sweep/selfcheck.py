@@ -1,9 +1,10 @@
 """Start-up self-check on one probe batch, before the first optimizer step.
 
 Each check guards a bug that trains silently wrong rather than crashing: a broken GQA
-key/value expansion (eager and SDPA logits disagree), a misread padding mask (a padded row
-differs from itself unpadded), padding trained on (labels on pad positions), frozen base
-weights not frozen, a dead adapter (zero lora_B gradients), an implausible initial loss.
+key/value expansion (eager and SDPA logits disagree; skipped, saying so, for a model without
+SDPA), a misread padding mask (a padded row differs from itself unpadded), padding trained on
+(labels on pad positions), frozen base weights not frozen, a dead adapter (zero lora_B
+gradients), an implausible initial loss.
 It runs under a forked RNG, so a trial's results do not depend on whether it ran.
 """
 
@@ -19,7 +20,7 @@ import torch
 from torch import nn
 
 from lora_sweep.data import IGNORE_INDEX
-from lora_sweep.model import ModelError, verify_kv_expansion
+from lora_sweep.model import ModelError, supports_sdpa, verify_kv_expansion
 
 # Checks of the base model and the code path (not of the adapter): with lora_B = 0 at init the
 # adapted model computes exactly the base model, so these pass or fail per base model. A
@@ -43,9 +44,13 @@ class SelfCheckReport:
     seconds: float = 0.0
 
 
-def _logit_tolerance(logits: torch.Tensor) -> float:
+def _logit_tolerance(logits: torch.Tensor, *, dtype: torch.dtype) -> float:
+    """The largest |difference| allowed between two computations of the same `logits`: float32
+    rounding, or bf16/fp16's ~100x coarser one when `dtype` (what the model computed in) is
+    coarser than float32."""
     scale = max(1.0, float(logits.abs().max()))
-    return (2e-3 if logits.dtype == torch.float32 else 1e-1) * scale
+    low_precision = torch.finfo(dtype).eps > torch.finfo(torch.float32).eps
+    return (1e-1 if low_precision else 2e-3) * scale
 
 
 def check_labels_ignore_padding(batch: Mapping[str, torch.Tensor]) -> str:
@@ -69,23 +74,36 @@ def check_only_lora_trainable(model: nn.Module) -> str:
     return f"{len(trainable)} LoRA tensors trainable, base frozen"
 
 
-def _logits(model: nn.Module, batch: Mapping[str, torch.Tensor]) -> torch.Tensor:
-    return model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits.float()
+def _logits(model: nn.Module, batch: Mapping[str, torch.Tensor]) -> tuple[torch.Tensor, torch.dtype]:
+    """(float32 logits, the dtype the model computed them in): the coarser of the logits' own
+    dtype and the base weights' (a model may upcast its logits after a bf16 forward)."""
+    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    wrapped: Any = model  # a peft model (torch types its attributes Tensor | Module)
+    base = wrapped.get_base_model() if hasattr(wrapped, "get_base_model") else wrapped
+    weights = base.dtype  # a transformers model: its weights' floating dtype
+    coarser = max((logits.dtype, weights), key=lambda d: torch.finfo(d).eps)
+    return logits.float(), coarser
 
 
 def check_eager_matches_sdpa(model: nn.Module, batch: Mapping[str, torch.Tensor]) -> str:
     base = cast(Any, model).get_base_model()  # a peft model
+    if not supports_sdpa(base):
+        return f"skipped: {type(base).__name__} has no SDPA attention; eager only, nothing to compare"
     configured = base.config._attn_implementation
     real = batch["attention_mask"].bool()
+    logits = {}
     try:
-        base.set_attn_implementation("sdpa")
-        sdpa = _logits(model, batch)[real]
-        base.set_attn_implementation("eager")
-        eager = _logits(model, batch)[real]
+        for name in ("sdpa", "eager"):
+            base.set_attn_implementation(name)
+            if base.config._attn_implementation != name:  # a model that cannot switch only warns
+                return f"skipped: {type(base).__name__} cannot switch its attention to {name} at run time"
+            logits[name] = _logits(model, batch)
     finally:
         base.set_attn_implementation(configured)
+    (sdpa, dtype), (eager, _) = logits["sdpa"], logits["eager"]
+    sdpa, eager = sdpa[real], eager[real]
     diff = float((sdpa - eager).abs().max())
-    tol = _logit_tolerance(sdpa)
+    tol = _logit_tolerance(sdpa, dtype=dtype)
     if not diff <= tol:
         raise SelfCheckError(
             "eager_matches_sdpa",
@@ -101,11 +119,12 @@ def check_padding_invariance(model: nn.Module, batch: Mapping[str, torch.Tensor]
     row = int(torch.argmin(lengths))
     n_pad = int(mask.shape[1] - lengths[row])
     real = mask[row].bool()
-    padded = _logits(model, batch)[row][real]
+    padded, dtype = _logits(model, batch)
+    padded = padded[row][real]
     alone = {"input_ids": batch["input_ids"][row][real][None], "attention_mask": mask[row][real][None]}
-    unpadded = _logits(model, alone)[0]
+    unpadded = _logits(model, alone)[0][0]
     diff = float((padded - unpadded).abs().max())
-    tol = _logit_tolerance(unpadded)
+    tol = _logit_tolerance(unpadded, dtype=dtype)
     if not diff <= tol:
         raise SelfCheckError(
             "padding_invariance",

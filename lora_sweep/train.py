@@ -6,7 +6,7 @@ import contextlib
 import logging
 import math
 import time
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any, cast
 
@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from lora_sweep.config import TrainConfig
-from lora_sweep.evaluate import EvalResult
+from lora_sweep.evaluate import EvalResult, label_count, loss_sum
 from lora_sweep.precision import mixed_precision
 
 log = logging.getLogger(__name__)
@@ -97,6 +97,32 @@ def lr_factor(step: int, *, warmup_steps: int, max_steps: int, schedule: str) ->
     return 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
+def accumulate_gradients(
+    model: nn.Module,
+    micro_batches: Sequence[Mapping[str, torch.Tensor]],
+    *,
+    device: torch.device,
+    autocast: Callable[[], Any] = contextlib.nullcontext,
+) -> tuple[torch.Tensor, int]:
+    """Forward and backward every micro-batch of one optimizer step, adding to the gradients.
+
+    Each micro-batch's summed cross-entropy is divided by the label count of the whole step
+    (counted on the CPU batches first: no device sync), so the gradient is that of one batch of
+    all the step's sequences, not a mean of micro-batch means (which would weigh the tokens of
+    a micro-batch with few labels more). Returns (the step's token-weighted mean loss, detached,
+    on the device; its label-token count). `micro_batches` are CPU batches, moved one at a time.
+    """
+    label_tokens = sum(label_count(batch["labels"]) for batch in micro_batches)
+    total = torch.zeros((), dtype=torch.float32, device=device)
+    for batch in micro_batches:
+        inputs = {k: v.to(device, non_blocking=True) for k, v in batch.items() if k != "labels"}
+        with autocast():  # no labels given: the model computes no loss of its own
+            summed = loss_sum(model(**inputs).logits, batch["labels"].to(device, non_blocking=True))
+        (summed / label_tokens).backward()
+        total += summed.detach()
+    return total / label_tokens, label_tokens
+
+
 def train_loop(
     model: nn.Module,
     batches: Iterator[Mapping[str, torch.Tensor]],
@@ -111,13 +137,17 @@ def train_loop(
 ) -> LoopResult:
     """Train the trainable parameters of `model` for `cfg.max_steps` steps.
 
+    Each step draws `cfg.grad_accum_steps` micro-batches from `batches` and accumulates their
+    gradients (`accumulate_gradients`: the loss is the mean over all their label tokens, so
+    batch_size 2 x 4 micro-batches trains exactly as batch_size 8 on the same sequences); a
+    `StepRecord` holds that loss and the tokens of all of them.
     Stops early on a non-finite loss or grad norm (recorded, no optimizer step taken) and
     when `on_step` asks to (pruning). The only host synchronisation per step is reading the
     loss and grad norm, which the metrics need. `precision="bf16"` runs the forward under
     bf16 autocast (weights, gradients and optimizer state keep their dtype; see
     `lora_sweep.precision.mixed_precision`).
-    `first_step_check(model, loss)` runs after the first backward, before anything is updated
-    (the self-check's first-backward check, at no extra forward/backward); it may raise.
+    `first_step_check(model, loss)` runs after the first step's last backward, before anything
+    is updated (the self-check's first-backward check, at no extra forward/backward); it may raise.
     `evaluate` measures the held-out loss at step 0 (or takes `base_eval`, the base model's,
     measured by an earlier trial: LoRA's B = 0 at init makes step 0 the base model), every
     `cfg.eval_every` steps and after the last step, before that step's hook sees it. Evaluation
@@ -149,24 +179,22 @@ def train_loop(
         if evaluate is not None:
             held_out(0, base_eval)  # the reference every improvement is relative to
         for step in range(1, cfg.max_steps + 1):
-            # data: counts come from the CPU batch, so they cost no device sync
+            # data: grad_accum_steps micro-batches; counts come from the CPU batches (no device sync)
             step_start = time.perf_counter()
-            batch = next(batches)
-            tokens, real_tokens = batch["input_ids"].numel(), int(batch["attention_mask"].sum())
-            batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+            micro_batches = [next(batches) for _ in range(cfg.grad_accum_steps)]
+            tokens = sum(b["input_ids"].numel() for b in micro_batches)
+            real_tokens = sum(int(b["attention_mask"].sum()) for b in micro_batches)
             lr = cast(float, scheduler.get_last_lr()[0])  # torch allows a Tensor lr; ours is a float
 
-            # forward + backward (mean cross-entropy over labels != -100)
-            with autocast():
-                loss = model(**batch).loss
+            # forward + backward of each micro-batch (cross-entropy summed over the step's labels)
             optimizer.zero_grad(set_to_none=True)
-            loss.backward()
+            loss, _ = accumulate_gradients(model, micro_batches, device=device, autocast=autocast)
             if step == 1 and first_step_check is not None:
-                first_step_check(model, float(loss.detach()))
+                first_step_check(model, float(loss))
 
             # clip, recording the pre-clip norm
             grad_norm = torch.nn.utils.clip_grad_norm_(params, max_norm=cfg.max_grad_norm)
-            loss_value, grad_value = float(loss.detach()), float(grad_norm)
+            loss_value, grad_value = float(loss), float(grad_norm)
             result.steps.append(
                 StepRecord(step, loss_value, grad_value, lr, tokens, real_tokens, time.perf_counter() - start)
             )

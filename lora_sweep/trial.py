@@ -23,11 +23,12 @@ import torch
 
 from lora_sweep import data as data_lib
 from lora_sweep.cache import CachedModel, TrialCache
+from lora_sweep.chat import assistant_mask_batch, check_assistant_labels, check_conversations
 from lora_sweep.config import RunConfig
-from lora_sweep.embedded import SANITY_SAMPLES_PATH
+from lora_sweep.embedded import SANITY_CHAT_PATH, SANITY_SAMPLES_PATH
 from lora_sweep.errors import INPUT_ERRORS, ConfigError
 from lora_sweep.evaluate import EVAL_TOKENS_PER_BATCH, EvalResult, eval_batches, evaluate_loss
-from lora_sweep.lora import adapted_modules, apply_lora, check_default_targets, check_rank, count_parameters
+from lora_sweep.lora import adapted_modules, apply_lora, check_rank, count_parameters
 from lora_sweep.memory import peak_memory_mb, reset_peak_memory
 from lora_sweep.metrics import TrialMetrics, compute_metrics, eval_summary
 from lora_sweep.model import (
@@ -35,12 +36,13 @@ from lora_sweep.model import (
     load_model_config,
     model_skeleton,
     position_limit,
+    resolve_attn_implementation,
     resolve_device,
     resolve_model_dir,
 )
 from lora_sweep.precision import resolve_precision
 from lora_sweep.results import COLUMN_DOCS, ResultsError, check_appendable, write_json, write_step_log
-from lora_sweep.selfcheck import MODEL_LEVEL_CHECKS, FirstStepCheck, run_self_check
+from lora_sweep.selfcheck import MODEL_LEVEL_CHECKS, FirstStepCheck, SelfCheckError, run_self_check
 from lora_sweep.split import split_records
 from lora_sweep.sweep.objective import failure_reason, is_out_of_memory
 from lora_sweep.train import EVAL_LOG_COLUMNS, LoopResult, StepHook, train_loop
@@ -79,6 +81,7 @@ class Prepared:
     cached: CachedModel
     eval_batches: list[dict[str, torch.Tensor]]
     eval_key: tuple  # identifies the validation set as tokenized (base evaluations are cached by it)
+    probe_assistant: torch.Tensor | None = None  # chat: the probe's assistant tokens ([B, S] bool)
     cache_hit: bool = False
 
 
@@ -101,6 +104,7 @@ class TrialResult:
     device: str = ""
     self_check: dict[str, str] = field(default_factory=dict)
     precision: str = ""
+    attn_implementation: str = ""
     cache_hit: bool = False
     train_seconds: float = 0.0
     step_seconds: float = 0.0
@@ -136,6 +140,7 @@ class TrialResult:
                 "trainable_params": self.trainable_params,
                 "adapted_modules": ",".join(self.adapted_modules),
                 "precision": self.precision,
+                "attn_implementation": self.attn_implementation,
                 "device": self.device,
                 "run_dir": str(self.run_dir),
             }
@@ -159,6 +164,7 @@ class TrialResult:
             "device": self.device,
             "self_check": self.self_check,
             "precision": self.precision,
+            "attn_implementation": self.attn_implementation,
             "cache_hit": self.cache_hit,
             "train_seconds": self.train_seconds,
             "step_seconds": self.step_seconds,
@@ -184,17 +190,25 @@ def probe_indices(examples: Sequence[data_lib.Example], batch_size: int) -> list
 
 
 def data_path(cfg: RunConfig) -> Path:
-    """`data.path`, or the embedded sanity samples when it is null."""
-    return Path(cfg.data.path) if cfg.data.path else SANITY_SAMPLES_PATH
+    """`data.path`, or the embedded sanity samples (as conversations for the chat template)."""
+    if cfg.data.path:
+        return Path(cfg.data.path)
+    return SANITY_CHAT_PATH if cfg.data.template == "chat" else SANITY_SAMPLES_PATH
+
+
+def model_label(cfg: RunConfig) -> str:
+    """The checkpoint as messages name it."""
+    return f"model.path={cfg.model.path}" if cfg.model.path else "the embedded tiny Llama"
 
 
 def split_data(cfg: RunConfig, cache: TrialCache) -> tuple[tuple, list[Any], tuple, list[Any]]:
     """(train key, train records, validation key, validation records): `data.val_path`'s records,
     or `data.val_size` split off the training file (`lora_sweep.split`, the same split in every
     trial). Raises `DataError` when either side would be empty."""
-    records_key, records = cache.records(data_path(cfg))
+    chat = cfg.data.template == "chat"
+    records_key, records = cache.records(data_path(cfg), chat=chat)
     if cfg.data.val_path:
-        val_key, val_records = cache.records(Path(cfg.data.val_path))
+        val_key, val_records = cache.records(Path(cfg.data.val_path), chat=chat)
         return records_key, records, val_key, val_records
     size = cfg.data.val_size
     train, val = split_records(records, val_size=int(size) if size >= 1 else size, seed=cfg.data.val_seed)
@@ -213,20 +227,23 @@ def eval_max_length(cfg: RunConfig, model_config: Any) -> int:
 
 def check_inputs(cfg: RunConfig, cache: TrialCache) -> None:
     """The cheap input checks, run before a run or a sweep starts (a sweep refuses them before
-    its study): the data file, the checkpoint directory, its config and tokenizer,
-    `data.max_length` against the model's positions, the LoRA targets and rank against the
-    model's layers (on a weightless skeleton), the device, the results directory. Raises one of
-    `INPUT_ERRORS`."""
+    its study): the data file, the checkpoint directory, its config and tokenizer, the chat
+    template against a sample of the conversations, `data.max_length` against the model's
+    positions, `model.attn_implementation` against the model class, the LoRA targets and rank
+    against the model's layers (on a weightless skeleton), the device, the results directory.
+    Raises one of `INPUT_ERRORS`."""
     # through the cache, so the trial that follows in this process does not load them again
-    split_data(cfg, cache)  # also: neither side of the split empty
+    _, train_records, _, _ = split_data(cfg, cache)  # also: neither side of the split empty
     model_dir = resolve_model_dir(cfg.model)
     model_config = load_model_config(model_dir, cfg.model)
     check_max_length(cfg.data.max_length, model_config)
     if cfg.data.eval_max_length is not None:
         check_max_length(cfg.data.eval_max_length, model_config, key="data.eval_max_length")
-    cache.tokenizer(model_dir, cfg.model)  # e.g. neither pad nor EOS token
+    tokenizer, _ = cache.tokenizer(model_dir, cfg.model)  # e.g. neither pad nor EOS token
+    if cfg.data.template == "chat":  # no template, or one whose assistant tokens cannot be told
+        check_conversations(train_records, tokenizer, train_on=cfg.data.train_on, model=model_label(cfg))
     skeleton = model_skeleton(model_config, cfg.model)
-    check_default_targets(skeleton, cfg.lora)
+    resolve_attn_implementation(skeleton, cfg.model.attn_implementation)  # e.g. sdpa where the model has none
     check_rank(skeleton, cfg.lora)
     resolve_device(cfg.train.device)
     try:
@@ -274,14 +291,17 @@ def prepare(cfg: RunConfig, cache: TrialCache) -> Prepared:
     model_dir = resolve_model_dir(cfg.model)
     device = resolve_device(cfg.train.device)
     tokenizer, tok_key = cache.tokenizer(model_dir, cfg.model)
-    examples = cache.examples(train_key, train_records, tokenizer, tok_key, cfg.data)
+    examples = cache.examples(train_key, train_records, tokenizer, tok_key, cfg.data, model=model_label(cfg))
+    # training batches are right-padded whatever the checkpoint's default padding side
     collator = data_lib.Collator(
         tokenizer.pad_token_id,
-        padding_side=tokenizer.padding_side,
+        padding_side="right",
         pad_to=cfg.data.max_length if cfg.data.padding == "max_length" else None,
     )
     dataset = data_lib.SanityDataset(examples)
-    probe = collator([dataset[i] for i in probe_indices(examples, cfg.train.batch_size)])
+    probe_rows = probe_indices(examples, cfg.train.batch_size)
+    probe = collator([dataset[i] for i in probe_rows])
+    probe_assistant = assistant_mask_batch([examples[i] for i in probe_rows], probe["input_ids"].shape[1])
 
     # model: seeded after loading and before the adapter is created, so LoRA A's init is
     # reproducible and the same whether the base model was loaded now or cached
@@ -301,6 +321,7 @@ def prepare(cfg: RunConfig, cache: TrialCache) -> Prepared:
             cfg.data,
             max_length=eval_length,
             length_key="data.eval_max_length",
+            model=model_label(cfg),
         )
         loader = data_lib.make_dataloader(
             dataset,
@@ -323,7 +344,8 @@ def prepare(cfg: RunConfig, cache: TrialCache) -> Prepared:
                 tokenizer.pad_token_id,
                 tokens_per_batch=EVAL_TOKENS_PER_BATCH.get(device.type, EVAL_TOKENS_PER_BATCH["cuda"]),
             ),
-            eval_key=(val_key, tok_key, cfg.data.template, eval_length, cfg.data.mask_prompt),
+            eval_key=(val_key, tok_key, cfg.data.template, eval_length, cfg.data.mask_prompt, cfg.data.train_on),
+            probe_assistant=probe_assistant,
             cache_hit=hit,
         )
     except BaseException:
@@ -410,6 +432,8 @@ def _run_prepared(
     result.cache_hit = prepared.cache_hit
     precision = resolve_precision(cfg.train.precision, prepared.device, prepared.model)
     result.precision = precision
+    # what model.attn_implementation resolved to (`auto`: SDPA where the model has it)
+    result.attn_implementation = str(cast(Any, prepared.model.get_base_model()).config._attn_implementation)
     run_dir.mkdir(parents=True, exist_ok=True)
     if config_yaml is not None:
         (run_dir / "config.yaml").write_text(config_yaml)
@@ -430,6 +454,13 @@ def _run_prepared(
             )
             if cached_checks is None:
                 entry.checked = {k: report.details[k] for k in MODEL_LEVEL_CHECKS}
+            if prepared.probe_assistant is not None:
+                try:
+                    report.details["assistant_labels"] = check_assistant_labels(
+                        prepared.probe["labels"].cpu(), prepared.probe_assistant, train_on=cfg.data.train_on
+                    )
+                except ValueError as err:
+                    raise SelfCheckError("assistant_labels", str(err)) from err
             result.self_check = dict(report.details, seconds=f"{report.seconds:.3f}")
             first_step_check = FirstStepCheck(result.self_check, prepared.vocab_size)
             log.info("self-check passed in %.2f s: %s", report.seconds, "; ".join(report.details.values()))

@@ -19,6 +19,9 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import REPO, TINY, one_worker, run_cli
+from tests.test_chat import NOT_PREFIX_PRESERVING
+from tests.test_datafiles import bad_inputs
+from tests.test_families import _gemma2
 
 SWEEP_TINY = [
     "train.max_steps=6",
@@ -72,34 +75,41 @@ def no_pad_no_eos_ckpt(tiny_ckpt: Path, tmp_path_factory: pytest.TempPathFactory
 
 
 @pytest.fixture(scope="module")
-def granite_ckpt(tiny_ckpt: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A tiny Granite checkpoint (the conftest tokenizer): a model type peft has no default
-    LoRA target modules for."""
-    from transformers import GraniteConfig, GraniteForCausalLM
-
-    out = tmp_path_factory.mktemp("granite")
+def gemma2_ckpt(tiny_ckpt: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny Gemma2 checkpoint (the conftest tokenizer): a class transformers has no SDPA for."""
+    out = tmp_path_factory.mktemp("gemma2")
     for item in tiny_ckpt.iterdir():
         if item.name.startswith(("tokenizer", "special_tokens")):
             shutil.copy(item, out / item.name)
-    config = GraniteConfig(
-        vocab_size=384,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=1,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=256,
-        bos_token_id=0,
-        eos_token_id=1,
-        pad_token_id=2,
-    )
-    GraniteForCausalLM(config).save_pretrained(out)
+    _gemma2().save_pretrained(out)
     return out
 
 
-def _files(tmp: Path, ckpt: Path, no_pad: Path, granite: Path | None = None) -> dict[str, str]:
+@pytest.fixture(scope="module")
+def odd_chat_ckpt(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The embedded checkpoint with a chat template that is not prefix-preserving."""
+    from lora_sweep.embedded import TINY_LLAMA_DIR
+
+    out = tmp_path_factory.mktemp("odd_chat") / "ckpt"
+    shutil.copytree(TINY_LLAMA_DIR, out)
+    (out / "chat_template.jinja").write_text(NOT_PREFIX_PRESERVING)
+    return out
+
+
+@pytest.fixture(scope="module")
+def columnar_bad(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Bad Parquet files and `save_to_disk` directories (`tests.test_datafiles.bad_inputs`)."""
+    out = tmp_path_factory.mktemp("columnar_bad")
+    bad_inputs(out)
+    return out
+
+
+def _files(
+    tmp: Path, ckpt: Path, no_pad: Path, models: dict[str, Path], columnar: Path | None = None
+) -> dict[str, str]:
     files: dict[str, bytes] = {
         "malformed.json": b'[{"instruction": "x", "output": "y"',
+        "bad_role.jsonl": b'{"messages": [{"role": "robot", "content": "x"}]}\n',
         "empty.json": b"",
         "no_records.json": b"[]",
         "no_output.json": b'[{"instruction": "x", "input": ""}]',
@@ -110,7 +120,14 @@ def _files(tmp: Path, ckpt: Path, no_pad: Path, granite: Path | None = None) -> 
         (tmp / name).write_bytes(data)
     (tmp / "not_a_checkpoint").mkdir()
     (tmp / "not_a_checkpoint" / "weights.bin").write_bytes(b"\0" * 16)
-    return {"tmp": str(tmp), "ckpt": str(ckpt), "no_pad": str(no_pad), "granite": str(granite), "pg": UNREACHABLE_PG}
+    return {
+        "tmp": str(tmp),
+        "ckpt": str(ckpt),
+        "no_pad": str(no_pad),
+        **{name: str(path) for name, path in models.items()},
+        "columnar": str(columnar),
+        "pg": UNREACHABLE_PG,
+    }
 
 
 ALPACA = "data=alpaca"
@@ -118,10 +135,17 @@ ALPACA = "data=alpaca"
 MODEL_LEVEL = [
     ("missing-data-path", [ALPACA, "data.path=/no/such.json"], "data file not found: /no/such.json"),
     (
-        "null-targets-no-peft-default",
-        ["model=local", "model.path={granite}", "lora.target_modules=null"],
-        "lora.target_modules=null: peft has no default target modules for model type 'granite'",
+        "sdpa-without-sdpa",
+        ["model=local", "model.path={gemma2}", "model.attn_implementation=sdpa"],
+        "model.attn_implementation=sdpa: Gemma2ForCausalLM has no SDPA attention",
     ),
+    ("chat-no-template", ["data=chat", "model=local", "model.path={ckpt}"], "has no chat template"),
+    (
+        "chat-not-prefix-preserving",
+        ["data=chat", "model=local", "model.path={odd_chat}"],
+        "does not render the conversation",
+    ),
+    ("chat-bad-role", ["data=chat", "data.path={tmp}/bad_role.jsonl"], "turn 0 has the role 'robot'"),
     (
         "rank-beyond-layer",
         ["lora.r=100000"],
@@ -144,6 +168,18 @@ BATTERY = [
     ("missing-field", [ALPACA, "data.path={tmp}/no_output.json"], "record 0 is missing the field 'output'"),
     ("not-utf8", [ALPACA, "data.path={tmp}/latin1.json"], "latin1.json is not UTF-8 text"),
     ("jsonl-bad-line", [ALPACA, "data.path={tmp}/bad_line.jsonl"], "bad_line.jsonl line 2 is not valid JSON"),
+    (
+        "parquet-unreadable",
+        [ALPACA, "data.path={columnar}/truncated.parquet"],
+        "truncated.parquet is not a readable Parquet file",
+    ),
+    (
+        "dir-not-a-dataset",
+        [ALPACA, "data.path={columnar}/plain_dir"],
+        "plain_dir is a directory but not a saved dataset",
+    ),
+    ("dataset-dict-dir", [ALPACA, "data.path={columnar}/dict"], "is a DatasetDict with the splits train, validation"),
+    ("empty-saved-dataset", [ALPACA, "data.path={columnar}/empty_saved"], "empty_saved holds no records"),
     ("no-pad-no-eos", ["model=local", "model.path={no_pad}"], "has neither a pad nor an EOS token"),
     ("model-not-dir", ["model=local", "model.path={tmp}/absent_ckpt"], "is not a directory"),
     ("model-not-ckpt", ["model=local", "model.path={tmp}/not_a_checkpoint"], "is not a Hugging Face checkpoint"),
@@ -189,12 +225,15 @@ def test_bad_input_one_line_nonzero_exit_csv_and_study_untouched(
     earlier_sweep: Path,
     tiny_ckpt: Path,
     no_pad_no_eos_ckpt: Path,
-    granite_ckpt: Path,
+    gemma2_ckpt: Path,
+    odd_chat_ckpt: Path,
+    columnar_bad: Path,
     tmp_path: Path,
     overrides: list[str],
     message: str,
 ) -> None:
-    fmt = _files(tmp_path, tiny_ckpt, no_pad_no_eos_ckpt, granite_ckpt)
+    models = {"gemma2": gemma2_ckpt, "odd_chat": odd_chat_ckpt}
+    fmt = _files(tmp_path, tiny_ckpt, no_pad_no_eos_ckpt, models, columnar_bad)
     results = tmp_path / "results"
     shutil.copytree(earlier_sweep, results)
     readonly = overrides == ["READONLY"]
@@ -223,12 +262,13 @@ def test_bad_input_one_line_nonzero_exit_csv_and_study_untouched(
 def test_bad_input_single_run_exits_2_with_one_line_and_writes_nothing(
     tiny_ckpt: Path,
     no_pad_no_eos_ckpt: Path,
-    granite_ckpt: Path,
+    gemma2_ckpt: Path,
+    odd_chat_ckpt: Path,
     tmp_path: Path,
     overrides: list[str],
     message: str,
 ) -> None:
-    fmt = _files(tmp_path, tiny_ckpt, no_pad_no_eos_ckpt, granite_ckpt)
+    fmt = _files(tmp_path, tiny_ckpt, no_pad_no_eos_ckpt, {"gemma2": gemma2_ckpt, "odd_chat": odd_chat_ckpt})
     results = tmp_path / "results"
     proc = run_cli(*TINY, *[o.format(**fmt) for o in overrides], f"results_dir={results}")  # the case's values win
     _assert_refused(proc, message)

@@ -48,9 +48,9 @@ def test_group_options_exist() -> None:
 def test_required_keys_exist(compose_cfg) -> None:
     cfg = compose_cfg()
     for key in REQUIRED_KEYS:
-        assert OmegaConf.select(cfg, key) is not None, key
+        assert OmegaConf.select(cfg, key, default="absent") != "absent", key
     assert cfg.results_dir == "results"
-    assert list(cfg.lora.target_modules) == ["q_proj", "v_proj"]
+    assert cfg.lora.target_modules is None  # peft's default for the model type
 
 
 BAD = [
@@ -63,7 +63,11 @@ BAD = [
     (["lora.dropout=1.5"], "lora.dropout must be a number"),
     (["train.warmup_steps=60", "train.max_steps=60"], "train.warmup_steps (60) must be smaller"),
     (["train.lr_scheduler=step"], "train.lr_scheduler must be one of cosine, linear, constant"),
-    (["model.attn_implementation=flash"], "model.attn_implementation must be one of sdpa, eager"),
+    (["model.attn_implementation=flash"], "model.attn_implementation must be one of auto, sdpa, eager"),
+    (["data=chat", "data.train_on=prompt"], "data.train_on must be one of assistant, all"),
+    (["data=chat", "+data.mask_prompt=true"], "data.mask_prompt applies to instruction records"),
+    (["data.template=chatml"], "data.template must be one of alpaca, plain, chat"),
+    (["train.grad_accum_steps=0"], "train.grad_accum_steps must be an integer >= 1"),
     (["lora.target_modules=[]"], "lora.target_modules must be a non-empty list"),
     (["lora.target_modules=attention"], "lora.target_modules must be a list of module names, 'all-linear' or null"),
     (["model=local"], "model.path is required"),
@@ -84,7 +88,7 @@ def test_bad_values_rejected_with_one_line(compose_cfg, overrides: list[str], me
 @pytest.mark.parametrize(
     "argv,message",
     [
-        (["lora=foo"], "Could not find 'lora/foo'; Available options in 'lora': all_linear, qv"),
+        (["lora=foo"], "Could not find 'lora/foo'; Available options in 'lora': all_linear, default, qv"),
         (["lora.rank=3"], "Could not override 'lora.rank'"),
         (["lora.r=choice(1,2"], "bad override"),
         (["train.lr=-1"], "train.lr must be a number > 0"),
@@ -114,7 +118,7 @@ def test_null_target_modules_means_peft_defaults(compose_cfg) -> None:
 
 
 def test_flat_values_cover_every_section_field(compose_cfg) -> None:
-    cfg = RunConfig.from_mapping(OmegaConf.to_container(compose_cfg("data.mask_prompt=true"), resolve=True))
+    cfg = RunConfig.from_mapping(OmegaConf.to_container(compose_cfg("data.mask_prompt=true", "lora=qv"), resolve=True))
     values = cfg.flat_values()
     assert values["data.mask_prompt"] is True and values["lora.target_modules"] == "q_proj,v_proj"
     assert values["model.dtype"] == "float32" and values["train.precision"] == "auto"

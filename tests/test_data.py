@@ -95,9 +95,26 @@ RECORDS = [
 def test_eos_appended_and_labelled_bos_prepended(tokenizer) -> None:
     ex = d.tokenize_records(RECORDS, tokenizer, template="plain", max_length=512, mask_prompt=False)
     for e in ex:
-        assert e.input_ids[0] == tokenizer.bos_token_id
+        assert e.input_ids[0] == tokenizer.bos_token_id and e.input_ids.count(tokenizer.bos_token_id) == 1
         assert e.input_ids[-1] == tokenizer.eos_token_id and e.labels[-1] == tokenizer.eos_token_id
         assert e.labels == e.input_ids
+
+
+def test_bos_only_where_the_tokenizer_adds_one(tokenizer) -> None:
+    """GPT-2 and Qwen tokenizers add no BOS (GPT-2's bos_token is its EOS): none is prepended."""
+    import copy
+
+    from tokenizers import processors
+
+    no_bos = copy.deepcopy(tokenizer)
+    no_bos.backend_tokenizer.post_processor = processors.ByteLevel(trim_offsets=False)
+    assert no_bos.bos_token_id is not None and d.added_prefix(no_bos) == []
+    assert d.added_prefix(tokenizer) == [tokenizer.bos_token_id]
+    [e] = d.tokenize_records(RECORDS[:1], no_bos, template="plain", max_length=512, mask_prompt=False)
+    assert tokenizer.bos_token_id not in e.input_ids
+    assert list(e.input_ids) == no_bos(d.format_prompt(RECORDS[0], "plain"), add_special_tokens=False)[
+        "input_ids"
+    ] + no_bos(RECORDS[0]["output"], add_special_tokens=False)["input_ids"] + [no_bos.eos_token_id]
 
 
 def test_mask_prompt_trains_on_response_only(tokenizer) -> None:

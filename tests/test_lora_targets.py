@@ -1,17 +1,20 @@
-"""LoRA targets and rank against the model's layers: peft's defaults for `target_modules=null`,
-refusals in one line naming the key, and a base model left as it was."""
+"""LoRA targets and rank against the model's layers: peft's defaults for `target_modules=null`
+(all linear layers where peft has none), refusals in one line naming the key, and a base model
+left as it was."""
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 import pytest
 import torch
 from torch import nn
 
+from lora_sweep import lora
 from lora_sweep.config import LoraSettings, ModelConfig
 from lora_sweep.errors import LoraTargetError
-from lora_sweep.lora import adapted_modules, apply_lora, targeted_layers
+from lora_sweep.lora import adapted_modules, apply_lora, resolve_targets, targeted_layers
 from lora_sweep.model import load_model
 
 CPU = torch.device("cpu")
@@ -32,7 +35,7 @@ def test_null_targets_take_peft_defaults_and_are_recorded(tiny_model: nn.Module)
     assert adapted_modules(peft_model) == ["q_proj", "v_proj"]  # peft's mapping for llama
 
 
-def test_null_targets_without_a_peft_default_name_the_linear_modules() -> None:
+def test_null_targets_without_a_peft_default_fall_back_to_all_linear(caplog: pytest.LogCaptureFixture) -> None:
     from transformers import GraniteConfig, GraniteForCausalLM
 
     model = GraniteForCausalLM(
@@ -45,13 +48,16 @@ def test_null_targets_without_a_peft_default_name_the_linear_modules() -> None:
             num_key_value_heads=1,
         )
     )
-    before = _names(model)
-    with pytest.raises(LoraTargetError) as info:
-        apply_lora(model, LoraSettings(r=4, alpha=8, target_modules=None))
-    message = str(info.value)
-    assert message.startswith("lora.target_modules=null: peft has no default target modules for model type 'granite'")
-    assert "q_proj" in message and "down_proj" in message and "\n" not in message
-    assert _names(model) == before
+    settings = LoraSettings(r=4, alpha=8, target_modules=None)
+    lora._log_all_linear_fallback.cache_clear()  # logged once per process: not by an earlier test
+    with caplog.at_level(logging.INFO, logger="lora_sweep.lora"):
+        peft_model = apply_lora(model, settings)
+        apply_lora(peft_model.unload(), settings)  # a second trial: no second notice
+    # every linear layer of the decoder, not the output head (peft's all-linear)
+    assert adapted_modules(peft_model) == ["down_proj", "gate_proj", "k_proj", "o_proj", "q_proj", "up_proj", "v_proj"]
+    fallback = [r.getMessage() for r in caplog.records if "all-linear" in r.getMessage()]
+    assert len(fallback) == 1 and "no default target modules for model type 'granite'" in fallback[0]
+    assert resolve_targets(model, LoraSettings(r=4, alpha=8)) == ["q_proj", "v_proj"]  # a list stays as set
 
 
 def test_unknown_targets_list_conv1d_modules_of_gpt2() -> None:

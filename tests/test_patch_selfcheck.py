@@ -13,6 +13,7 @@ from lora_sweep.lora import LoraTargetError, apply_lora
 from lora_sweep.model import (
     AttentionMaskError,
     ModelError,
+    attention_heads,
     check_attention_mask,
     is_patched,
     load_model,
@@ -20,7 +21,7 @@ from lora_sweep.model import (
     resolve_model_dir,
     verify_kv_expansion,
 )
-from lora_sweep.selfcheck import SelfCheckError, check_eager_matches_sdpa, run_self_check
+from lora_sweep.selfcheck import SelfCheckError, _logit_tolerance, _logits, check_eager_matches_sdpa, run_self_check
 
 CPU = torch.device("cpu")
 
@@ -151,3 +152,52 @@ def test_unknown_lora_targets_name_the_available_modules(tiny_ckpt: Path) -> Non
     model = load_model(tiny_ckpt, ModelConfig(name="local", path=str(tiny_ckpt)), CPU)
     with pytest.raises(LoraTargetError, match="linear modules here: .*q_proj"):
         apply_lora(model, LoraSettings(r=4, alpha=8, target_modules=("nonexistent",)))
+
+
+def test_kv_expansion_says_not_verified_where_it_finds_no_repeat_kv(model_and_batch, monkeypatch) -> None:
+    model, _ = model_and_batch
+    monkeypatch.delattr("transformers.models.llama.modeling_llama.repeat_kv")
+    detail = verify_kv_expansion(model.get_base_model())
+    assert detail.startswith("GQA: 4 query heads share 2 key/value heads (n_rep=2); verified: sdpa_attention.repeat_kv")
+    assert detail.endswith(
+        "not verified: transformers.models.llama.modeling_llama has no eager_attention_forward calling repeat_kv"
+    )
+
+
+def test_kv_expansion_checks_torch_enable_gqa(model_and_batch, monkeypatch) -> None:
+    """SDPA without a mask leaves the expansion to torch (`enable_gqa`): a broken one is caught."""
+    model, _ = model_and_batch
+    sdpa = torch.nn.functional.scaled_dot_product_attention
+
+    def tiled_gqa(query, key, value, *args, enable_gqa: bool = False, **kwargs):
+        if enable_gqa:
+            rep = query.shape[1] // key.shape[1]
+            key, value = tiled_repeat_kv(key, rep), tiled_repeat_kv(value, rep)
+        return sdpa(query, key, value, *args, **kwargs)
+
+    monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", tiled_gqa)
+    with pytest.raises(ModelError, match="enable_gqa"):
+        verify_kv_expansion(model.get_base_model())
+
+
+def test_attention_heads_read_nested_and_renamed_configs() -> None:
+    from transformers import FalconConfig, Gemma3Config, GPT2Config
+
+    text = {"num_attention_heads": 8, "num_key_value_heads": 2, "head_dim": 16, "hidden_size": 64}
+    assert attention_heads(Gemma3Config(text_config=text)) == (8, 2)  # multimodal: its text_config
+    assert attention_heads(GPT2Config(n_head=4)) == (4, 4)  # n_head through attribute_map
+    assert attention_heads(FalconConfig(num_attention_heads=8, multi_query=True)) == (8, 1)
+
+
+def test_bf16_logits_get_the_bf16_tolerance(tiny_ckpt: Path, model_and_batch) -> None:
+    """The tolerance follows the dtype the logits were computed in, not their float32 copy."""
+    _, batch = model_and_batch
+    assert _logit_tolerance(torch.ones(3), dtype=torch.float32) == pytest.approx(2e-3)
+    assert _logit_tolerance(torch.ones(3), dtype=torch.bfloat16) == pytest.approx(1e-1)
+    cfg = ModelConfig(name="local", path=str(tiny_ckpt), dtype="bfloat16")
+    model = apply_lora(load_model(tiny_ckpt, cfg, CPU), LoraSettings(r=4, alpha=8))
+    logits, dtype = _logits(model, batch)
+    assert logits.dtype == torch.float32 and dtype == torch.bfloat16
+    model.eval()
+    with torch.no_grad():
+        assert check_eager_matches_sdpa(model, batch).startswith("max |eager - sdpa| = ")

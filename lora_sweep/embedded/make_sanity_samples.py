@@ -21,6 +21,8 @@ from pathlib import Path
 SEED = 1234
 NUM_SAMPLES = 400
 OUTPUT_PATH = Path(__file__).parent / "sanity_samples.json"
+CHAT_OUTPUT_PATH = Path(__file__).parent / "sanity_chat.jsonl"
+SYSTEM_PROMPT = "Answer with the result only."
 
 NOUNS: tuple[str, ...] = (
     "cat",
@@ -249,10 +251,31 @@ def make_samples(seed: int = SEED, n: int = NUM_SAMPLES) -> list[Record]:
     return samples
 
 
+def make_chat_samples(samples: list[Record]) -> list[dict[str, list[dict[str, str]]]]:
+    """The same records as `{"messages": [...]}` conversations: mostly one user turn and one
+    assistant turn, every third with a system prompt, every fourth two exchanges (the next
+    record as a follow-up question), so multi-turn masking is exercised on the default."""
+    conversations: list[dict[str, list[dict[str, str]]]] = []
+    i = 0
+    while i < len(samples):
+        turns = samples[i : i + 2] if i % 4 == 3 else samples[i : i + 1]
+        messages = [{"role": "system", "content": SYSTEM_PROMPT}] if len(conversations) % 3 == 0 else []
+        for record in turns:
+            user = record["instruction"] + (f"\n\n{record['input']}" if record["input"] else "")
+            messages += [{"role": "user", "content": user}, {"role": "assistant", "content": record["output"]}]
+        conversations.append({"messages": messages})
+        i += len(turns)
+    return conversations
+
+
 def main() -> None:
     samples = make_samples()
     OUTPUT_PATH.write_text(json.dumps(samples, indent=1, ensure_ascii=True) + "\n", encoding="utf-8")
     print(f"wrote {len(samples)} samples to {OUTPUT_PATH}")
+    chats = make_chat_samples(samples)
+    lines = "".join(json.dumps(chat, ensure_ascii=True) + "\n" for chat in chats)
+    CHAT_OUTPUT_PATH.write_text(lines, encoding="utf-8")
+    print(f"wrote {len(chats)} conversations to {CHAT_OUTPUT_PATH}")
 
 
 if __name__ == "__main__":

@@ -38,6 +38,19 @@ OUTPUT_DIR = Path(__file__).parent / "tiny_llama"
 VOCAB_SIZE = 2048
 MODEL_MAX_LENGTH = 1024
 BOS, EOS, PAD = "<s>", "</s>", "<pad>"
+# The chat template: the plain instruction sections the model is fine-tuned with, one per turn.
+# `{% generation %}` marks the assistant text, so assistant-only loss needs no prefix rendering.
+CHAT_TEMPLATE = (
+    "{{- bos_token -}}"
+    "{%- for message in messages -%}"
+    "{%- if message.role == 'system' -%}{{- message.content + '\\n\\n' -}}"
+    "{%- elif message.role == 'user' -%}{{- '### Instruction:\\n' + message.content + '\\n\\n' -}}"
+    "{%- elif message.role == 'assistant' -%}{{- '### Response:\\n' -}}"
+    "{% generation %}{{- message.content + eos_token -}}{% endgeneration %}{{- '\\n\\n' -}}"
+    "{%- endif -%}"
+    "{%- endfor -%}"
+    "{%- if add_generation_prompt -%}{{- '### Response:\\n' -}}{%- endif -%}"
+)
 
 NUM_DOCUMENTS = 16_000
 SEQ_LEN = 256
@@ -314,6 +327,7 @@ def main() -> None:
     OUTPUT_DIR.mkdir(parents=True, exist_ok=True)
     model.eval()
     model.save_pretrained(OUTPUT_DIR, safe_serialization=True)
+    tokenizer.chat_template = CHAT_TEMPLATE
     tokenizer.save_pretrained(OUTPUT_DIR)
     for path in OUTPUT_DIR.iterdir():  # safetensors writes 0600; package data should be world-readable
         path.chmod(0o644)
