@@ -16,6 +16,8 @@ DataFrames and never plots:
   - the objective reported per step, as the pruner and the dashboard see it.
 * :func:`by_state`, :func:`best_trials`, :func:`pareto_front`, :func:`varied_params`.
 * :func:`param_importances` - Optuna's own importance evaluators on any metric.
+* :func:`load_samples`, :func:`compare_answers` - the sample prompts' answers of each trial
+  and of the base model (``samples.jsonl``), the base model against the best trial.
 
 Penalty records (infeasible stand-ins the sweeper adds for failed configurations, user
 attr ``penalty_for_trial``) are never trials here.
@@ -52,8 +54,10 @@ __all__ = [
     "NotEnoughTrialsError",
     "best_trials",
     "by_state",
+    "compare_answers",
     "intermediate_values",
     "load_curves",
+    "load_samples",
     "load_study",
     "load_trials",
     "param_importances",
@@ -645,3 +649,94 @@ def _finite(value: Any) -> float | None:
     except (TypeError, ValueError):
         return None
     return number if math.isfinite(number) else None
+
+
+# -------------------------------------------------------------------------- samples
+
+
+def _samples_path(row: pd.Series, results_dir: Path, study_name: str) -> Path | None:
+    from lora_sweep.samples import SAMPLES_FILENAME
+
+    recorded = row.get("run_dir")
+    candidates = [Path(recorded)] if isinstance(recorded, str) and recorded else []
+    number = row.get("trial_number")
+    if number is not None and not pd.isna(number):
+        candidates.append(results_dir / "sweeps" / str(row.get("study_name") or study_name) / str(int(number)))
+    return next((c / SAMPLES_FILENAME for c in candidates if (c / SAMPLES_FILENAME).is_file()), None)
+
+
+def load_samples(
+    results_dir: str | os.PathLike[str] = "results",
+    trial: int | None = None,
+    *,
+    study_name: str = DEFAULT_STUDY,
+    trials: pd.DataFrame | None = None,
+) -> pd.DataFrame:
+    """The sample answers of a sweep's trials (each run directory's ``samples.jsonl``).
+
+    Args:
+        results_dir: The sweep's ``results_dir``.
+        trial: One trial number; None: every trial that has samples (COMPLETE ones).
+        study_name: The study (``hydra.sweeper.study_name``).
+        trials: Rows of :func:`load_trials` to look in (default: all of ``results_dir``).
+
+    Returns:
+        Long form: ``trial_number`` and the fields of ``lora_sweep.samples.SAMPLE_FIELDS``
+        (``index``, ``prompt``, ``reference``, ``answer``, ``tokens``, ``finished``,
+        ``base_answer``, ``base_tokens``), by trial and prompt.
+    """
+    from lora_sweep.samples import SAMPLE_FIELDS, read_samples
+
+    base = Path(results_dir)
+    rows = trials if trials is not None else load_trials(base, study_name)
+    if trial is not None:
+        rows = rows[rows["trial_number"] == trial]
+    records = []
+    for _, row in rows.iterrows():
+        path = _samples_path(row, base, study_name)
+        if path is not None:
+            records += [{"trial_number": row["trial_number"], **line} for line in read_samples(path)]
+    frame = pd.DataFrame(records, columns=["trial_number", *SAMPLE_FIELDS])
+    return frame.astype({"trial_number": "Int64"}).sort_values(["trial_number", "index"]).reset_index(drop=True)
+
+
+def compare_answers(
+    results_dir: str | os.PathLike[str] = "results",
+    trial: int | None = None,
+    *,
+    study_name: str = DEFAULT_STUDY,
+    metric: str = "stability_index",
+) -> pd.DataFrame:
+    """The base model's answers and one trial's, side by side, on the sweep's sample prompts.
+
+    Args:
+        results_dir: The sweep's ``results_dir``.
+        trial: The trial to show; None: the best by ``metric`` (:func:`best_trials`, as the
+            sweep's summary chooses) that has samples (else the best of any that has them).
+        study_name: The study (``hydra.sweeper.study_name``).
+        metric: The ranking metric when ``trial`` is None.
+
+    Returns:
+        One row per prompt: ``trial_number``, ``prompt``, ``reference``, ``base_answer``,
+        ``answer`` (the trial's).
+
+    Raises:
+        NotEnoughTrialsError: No trial (or not the one asked for) has samples.
+    """
+    trials = load_trials(results_dir, study_name)
+    samples = load_samples(results_dir, trial, study_name=study_name, trials=trials)
+    if samples.empty:
+        which = f"trial {trial} has" if trial is not None else "no trial has"
+        raise NotEnoughTrialsError(f"{which} no samples in {results_dir} (train.sample_prompts=0, or none completed)")
+    if trial is None:  # the sweep's best that has samples, else the best of any that has them
+        with_samples = set(samples["trial_number"])
+        for feasible_only in (True, False):
+            ranked = best_trials(trials, n=len(trials), metric=metric, feasible_only=feasible_only)
+            numbers = [n for n in ranked["trial_number"] if n in with_samples]
+            if numbers:
+                trial = int(numbers[0])
+                break
+        else:
+            trial = int(samples["trial_number"].iloc[0])
+    chosen = samples[samples["trial_number"] == trial]
+    return chosen[["trial_number", "prompt", "reference", "base_answer", "answer"]].reset_index(drop=True)

@@ -25,10 +25,13 @@ from lora_sweep import data as data_lib
 from lora_sweep.chat import load_conversations, tokenize_conversations
 from lora_sweep.config import DataConfig, ModelConfig
 from lora_sweep.evaluate import EvalResult
+from lora_sweep.lora import restore_base_weights
 from lora_sweep.model import attn_implementation_for, load_model, load_tokenizer
 
 if TYPE_CHECKING:
     from peft import PeftModel
+
+    from lora_sweep.samples import Answer
 
 log = logging.getLogger(__name__)
 
@@ -39,14 +42,16 @@ MAX_FILES = 2  # data files: the training file and a separate validation file
 
 @dataclass
 class CachedModel:
-    """A patched base model without an adapter, the model-level self-checks it passed, and its
-    held-out losses by (validation set, precision): every trial of a sweep starts from this
-    model, so the base evaluation is measured once."""
+    """A patched base model without an adapter, the model-level self-checks it passed, its
+    held-out losses by (validation set, precision) and its sample answers by (prompts,
+    length, precision): every trial of a sweep starts from this model, so the base model is
+    evaluated and sampled once."""
 
     model: nn.Module
     checked: dict[str, str] | None = None
     in_use: bool = False
     base_evals: dict[tuple, EvalResult] = field(default_factory=dict)
+    base_samples: dict[tuple, list[Answer]] = field(default_factory=dict)  # lora_sweep.samples
 
 
 def fingerprint(path: Path) -> tuple:
@@ -147,13 +152,18 @@ class TrialCache:
                 self._models.popitem(last=False)
         return entry, False
 
-    def give_back(self, entry: CachedModel, adapted: PeftModel | None) -> None:
+    def give_back(
+        self, entry: CachedModel, adapted: PeftModel | None, *, restore: dict[str, torch.Tensor] | None = None
+    ) -> None:
         """Take a checked-out base model back: remove the trial's adapter (`adapted`, the peft
-        model, or None when none was created) and its gradients. A model that cannot be
+        model, or None when none was created) and its gradients, and copy back the weights its
+        init changed (`restore`: `lora.base_weights_to_restore`). A model that cannot be
         restored is dropped, never reused."""
         try:
             if adapted is not None and adapted.unload() is not entry.model:
                 raise RuntimeError("unload() did not return the base model")
+            if restore:
+                restore_base_weights(entry.model, restore)
             if any("lora_" in name for name, _ in entry.model.named_modules()):
                 raise RuntimeError("LoRA layers are left in the base model")
             entry.model.zero_grad(set_to_none=True)

@@ -1,4 +1,5 @@
-"""Command line: `python -m lora_sweep [overrides]` runs one trial, `-m` sweeps.
+"""Command line: `python -m lora_sweep [overrides]` runs one trial, `-m` sweeps; `lora-sweep
+export` rebuilds a results CSV and `lora-sweep best` exports the best trial's adapter.
 
 Before Hydra starts, the overrides are composed once more with Hydra's compose API and the
 result validated, so an unknown option, a wrong type or an impossible value fails with one
@@ -18,6 +19,7 @@ from typing import Any, cast
 import hydra
 from omegaconf import DictConfig, OmegaConf
 
+from lora_sweep.best_cli import main as best_main
 from lora_sweep.cache import TrialCache
 from lora_sweep.config import RunConfig
 from lora_sweep.errors import EXIT_BAD_INPUT, INPUT_ERRORS, ConfigError, error_line, error_message
@@ -112,6 +114,39 @@ def preflight(argv: list[str], *, cache: TrialCache | None = None) -> None:
         warm_up(run_cfg, cache)  # a sweep worker loads the base model once, before its first trial
 
 
+class SweepConsoleFilter(logging.Filter):
+    """What a console log handler shows: everything in a single run or with `verbose=true`. In
+    a quiet sweep the sweep console has one line per trial and every trial's own log is in
+    `<its run dir>/lora_sweep.log`, so the records of `loggers` (and their children; None: every
+    logger) below `quiet_level` (None: at any level) are left out.
+
+    Named by `conf/hydra/job_logging/lora_sweep.yaml` (a trial: none of its log) and
+    `conf/hydra/hydra_logging/lora_sweep.yaml` (the sweep process: not the app's info lines),
+    which pass the app's `verbose` and `hydra.mode`.
+    """
+
+    def __init__(
+        self,
+        *,
+        verbose: bool = False,
+        mode: Any = None,
+        quiet_level: str | int | None = None,
+        loggers: list[str] | None = None,
+    ) -> None:
+        super().__init__()
+        self.quiet = not verbose and str(getattr(mode, "name", mode)).upper() == "MULTIRUN"  # RunMode or its name
+        if isinstance(quiet_level, str):
+            quiet_level = logging.getLevelNamesMapping()[quiet_level.upper()]
+        self.quiet_level = quiet_level
+        self.loggers = None if loggers is None else tuple(loggers)
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if not self.quiet or (self.quiet_level is not None and record.levelno >= self.quiet_level):
+            return True
+        names = self.loggers
+        return names is not None and not any(record.name == n or record.name.startswith(n + ".") for n in names)
+
+
 def _refuse(err: BaseException) -> None:
     print(error_message(err), file=sys.stderr)
     sys.exit(EXIT_BAD_INPUT)
@@ -127,6 +162,8 @@ def main() -> None:
     argv = sys.argv[1:]
     if argv and argv[0] == "export":
         sys.exit(export_main(argv[1:]))
+    if argv and argv[0] == "best":
+        sys.exit(best_main(argv[1:]))
     offline_hub()
     try:
         preflight(argv, cache=PROCESS_CACHE)

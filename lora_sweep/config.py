@@ -28,6 +28,8 @@ PADDINGS = ("longest", "max_length")
 LR_SCHEDULERS = ("cosine", "linear", "constant")
 PRECISIONS = ("auto", "fp32", "bf16")
 PRUNE_ON = ("eval", "objective")
+SAVE_ADAPTER = ("best_k", "all", "none")
+LORA_INITS = ("default", "gaussian", "pissa", "olora")
 MIN_MAX_LENGTH = 8
 
 
@@ -167,12 +169,22 @@ class LoraSettings:
         default=("q_proj", "v_proj"),
     )
     use_rslora: bool = documented("rank-stabilised scaling alpha/sqrt(r) instead of alpha/r", default=False)
+    use_dora: bool = documented(
+        "DoRA: weight-decomposed LoRA, a learned magnitude per output (true/false)", default=False
+    )
+    init: str = documented(
+        "adapter initialisation: default (A Kaiming-uniform, B 0), gaussian, pissa (principal singular vectors "
+        "of W) or olora (QR of W); pissa and olora move W's part into the adapter",
+        default="default",
+    )
 
     def __post_init__(self) -> None:
         _check_int("lora.r", self.r, 1, "8")
         _check_float("lora.alpha", self.alpha, low=0.0, low_open=True, example="16")
         _check_float("lora.dropout", self.dropout, low=0.0, high=0.99, example="0.05")
         _check_bool("lora.use_rslora", self.use_rslora)
+        _check_bool("lora.use_dora", self.use_dora)
+        _check_choice("lora.init", self.init, LORA_INITS)
         targets = self.target_modules
         if targets is None:
             return  # peft's default target modules for the model type (refused where it has none)
@@ -205,6 +217,9 @@ class TrainConfig:
     warmup_steps: int = documented("learning-rate warm-up steps (W in the metrics)", default=0)
     lr_scheduler: str = documented("learning-rate schedule after warm-up", default="cosine")
     weight_decay: float = documented("AdamW weight decay", default=0.0)
+    loraplus_lr_ratio: float = documented(
+        "LoRA+: learning rate of the B matrices over that of A (1: plain LoRA, one learning rate)", default=1.0
+    )
     max_grad_norm: float = documented("gradient clipping threshold on the total norm", default=1.0)
     min_improvement: float = documented(
         "held-out improvement a run needs to count as learned: eval_loss <= (1 - this) * eval_loss_base", default=0.05
@@ -219,6 +234,15 @@ class TrainConfig:
     device: str = documented("device asked for: auto, cpu, cuda or cuda:N (device: the one used)", default="auto")
     log_every: int = documented("optimizer steps between log lines", default=10)
     precision: str = documented("precision asked for: auto, fp32 or bf16 (precision: the one used)", default="auto")
+    save_adapter: str = documented(
+        "adapters kept in run directories: best_k (the keep_adapters best of the study), all or none",
+        default="best_k",
+    )
+    keep_adapters: int = documented("k of save_adapter=best_k: how many of the best adapters stay on disk", default=3)
+    sample_prompts: int = documented(
+        "validation prompts answered by greedy decoding after a completed trial (0: none)", default=3
+    )
+    sample_max_new_tokens: int = documented("tokens generated per sample answer", default=32)
 
     def __post_init__(self) -> None:
         _check_float("train.lr", self.lr, low=0.0, low_open=True, high=10.0, example="1e-3")
@@ -234,6 +258,7 @@ class TrainConfig:
             )
         _check_choice("train.lr_scheduler", self.lr_scheduler, LR_SCHEDULERS)
         _check_float("train.weight_decay", self.weight_decay, low=0.0, example="0.0")
+        _check_float("train.loraplus_lr_ratio", self.loraplus_lr_ratio, low=1.0, high=1024.0, example="16")
         _check_float("train.max_grad_norm", self.max_grad_norm, low=0.0, low_open=True, example="1.0")
         _check_float("train.min_improvement", self.min_improvement, low=0.0, high=1.0, example="0.05")
         device = self.device
@@ -243,6 +268,10 @@ class TrainConfig:
         _check_int("train.eval_every", self.eval_every, 1, "20")
         _check_choice("train.prune_on", self.prune_on, PRUNE_ON)
         _check_choice("train.precision", self.precision, PRECISIONS)
+        _check_choice("train.save_adapter", self.save_adapter, SAVE_ADAPTER)
+        _check_int("train.keep_adapters", self.keep_adapters, 1, "3")
+        _check_int("train.sample_prompts", self.sample_prompts, 0, "3")
+        _check_int("train.sample_max_new_tokens", self.sample_max_new_tokens, 1, "32")
 
 
 @dataclass(frozen=True)

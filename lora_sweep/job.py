@@ -20,14 +20,17 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
+from lora_sweep.artifacts import upload
 from lora_sweep.cache import TrialCache
 from lora_sweep.config import RunConfig
 from lora_sweep.errors import EXIT_BAD_INPUT, EXIT_FAILED, INPUT_ERRORS, error_message
 from lora_sweep.metrics import compute_metrics, eval_summary
 from lora_sweep.results import PAYLOAD_CSV_KEY, append_row, results_csv_path
+from lora_sweep.samples import SAMPLES_FILENAME, SAMPLES_MIMETYPE
 from lora_sweep.sweep.context import TrialReporter, current_trial_context
 from lora_sweep.sweep.faults import crash_point
 from lora_sweep.sweep.objective import STATE_OF_STATUS
+from lora_sweep.sweep_hooks import keep_adapter
 from lora_sweep.train import EvalPoint, StepHook, StepRecord
 from lora_sweep.trial import EVAL_METRICS, run_trial
 
@@ -72,10 +75,24 @@ def run_job(cfg: DictConfig, *, cache: TrialCache) -> dict[str, Any]:
     csv_path = results_csv_path(run_cfg.results_dir)
     payload = dict(row, constraint=result.metrics.get("constraint", 1.0))
     if reporter is not None:
+        if result.adapter_dir is not None:  # which adapters stay, this one among them, before its row says so
+            train = run_cfg.train
+            payload.update(
+                keep_adapter(
+                    reporter, payload, mode=train.save_adapter, keep=train.keep_adapters, results_dir=csv_path.parent
+                )
+            )
+            row["adapter_dir"] = payload["adapter_dir"]
         # first: a sweep killed after this still finishes the trial, and writes the row if missing
         reporter.record_result(dict(payload, **{PAYLOAD_CSV_KEY: str(csv_path)}))
         crash_point("after_record")
     append_row(csv_path, row)
+    samples = result.run_dir / SAMPLES_FILENAME
+    if reporter is not None and samples.is_file():  # shown with its trial by optuna-dashboard --artifact-dir
+        try:
+            upload(run_cfg.results_dir, reporter.trial, samples, mimetype=SAMPLES_MIMETYPE)
+        except Exception as err:  # noqa: BLE001 - the trial is recorded; its samples stay in its run directory
+            log.warning("samples not uploaded as an artifact: %s", err)
     metrics = result.metrics
     log.info(
         "%s: stability_index=%s quality=%s final_loss=%s in %.1f s (%.0f real tokens/s); row appended to %s",

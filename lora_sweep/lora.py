@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import functools
 import logging
-from typing import TYPE_CHECKING, cast
+from typing import TYPE_CHECKING, Any, cast
 
 import torch
 from torch import nn
@@ -113,7 +113,7 @@ def targeted_layers(model: nn.Module, settings: LoraSettings) -> dict[str, tuple
 
     with torch.random.fork_rng(devices=[]):  # a trial's seeded draws never depend on this
         try:
-            probe = get_peft_model(model, _peft_config(model, settings, r=1), low_cpu_mem_usage=True)
+            probe = get_peft_model(model, _peft_config(model, settings, r=1, plain=True), low_cpu_mem_usage=True)
         except ValueError as err:
             raise _no_match(model, settings) from err
     try:
@@ -172,7 +172,20 @@ def _no_match(model: nn.Module, settings: LoraSettings) -> LoraTargetError:
     )
 
 
-def _peft_config(model: nn.Module, settings: LoraSettings, *, r: int) -> LoraConfig:
+# lora.init -> peft's init_lora_weights (True: A Kaiming-uniform, B zero)
+_INIT_LORA_WEIGHTS: dict[str, bool | str] = {
+    "default": True,
+    "gaussian": "gaussian",
+    "pissa": "pissa",
+    "olora": "olora",
+}
+MOVES_BASE_WEIGHTS = ("pissa", "olora")
+"""Inits that move part of each targeted weight into the adapter (W becomes W - B A)."""
+
+
+def _peft_config(model: nn.Module, settings: LoraSettings, *, r: int, plain: bool = False) -> LoraConfig:
+    """The peft config of `settings`; `plain` (a dry run that only resolves the targets): the
+    default init and no DoRA, which compute nothing from the weights."""
     from peft import LoraConfig
 
     return LoraConfig(
@@ -182,9 +195,33 @@ def _peft_config(model: nn.Module, settings: LoraSettings, *, r: int) -> LoraCon
         target_modules=resolve_targets(model, settings),
         fan_in_fan_out=_conv1d_only(model),
         use_rslora=settings.use_rslora,
+        use_dora=settings.use_dora and not plain,
+        init_lora_weights=cast(Any, True if plain else _INIT_LORA_WEIGHTS[settings.init]),  # peft: a Literal
         bias="none",
         task_type="CAUSAL_LM",
     )
+
+
+def base_weights_to_restore(model: nn.Module, settings: LoraSettings) -> dict[str, torch.Tensor]:
+    """Copies of the weights that `settings`' init will change (PiSSA and OLoRA subtract their
+    initial adapter from each targeted weight, and peft's `unload()` does not add it back):
+    {module name: weight}, empty for the inits that leave the base model as it is. Given back
+    to `restore_base_weights` after the adapter is removed, so a cached base model stays
+    bit-identical for the next trial."""
+    if settings.init not in MOVES_BASE_WEIGHTS:
+        return {}
+    return {name: _weight(model, name).detach().clone() for name in targeted_layers(model, settings)}
+
+
+def restore_base_weights(model: nn.Module, saved: dict[str, torch.Tensor]) -> None:
+    """Copy `base_weights_to_restore`'s weights back into the (unloaded) base model."""
+    with torch.no_grad():
+        for name, weight in saved.items():
+            _weight(model, name).copy_(weight)
+
+
+def _weight(model: nn.Module, name: str) -> torch.Tensor:
+    return cast(torch.Tensor, model.get_submodule(name).weight)
 
 
 def count_parameters(model: nn.Module) -> tuple[int, int]:

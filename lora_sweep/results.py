@@ -87,6 +87,7 @@ _OUTCOME_COLUMNS: tuple[tuple[str, type, str], ...] = (
     ("best_eval_step", int, "step of best_eval_loss (0: the base model was best)"),
     ("generalization_gap", float, "eval_loss - final_loss (held-out minus training loss at the end)"),
     ("eval_seconds", float, "seconds spent on held-out evaluation"),
+    ("sample_seconds", float, "seconds spent answering the sample prompts (samples.jsonl; 0: none)"),
     ("learned", bool, "eval_improvement >= train.min_improvement (true/false)"),
     ("divergence_step", int, "step at which the run was judged diverged (empty if not)"),
     ("duration_s", float, "wall-clock seconds of the whole trial (loading, self-check, training)"),
@@ -99,6 +100,12 @@ _OUTCOME_COLUMNS: tuple[tuple[str, type, str], ...] = (
     ("attn_implementation", str, "attention kernel the run used: sdpa or eager (model.attn_implementation resolved)"),
     ("device", str, "device the run used, e.g. cuda:0 or cpu"),
     ("run_dir", str, "path of the run's directory (config, metrics, step log)"),
+    (
+        "adapter_dir",
+        str,
+        "the run's saved adapter (run_dir/adapter) when its row was written; empty: none saved, or not among "
+        "a sweep's best train.keep_adapters",
+    ),
 )
 _COLUMNS = _RUN_COLUMNS + tuple((key.key, key.type, key.doc) for key in config_keys()) + _OUTCOME_COLUMNS
 

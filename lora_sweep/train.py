@@ -123,6 +123,33 @@ def accumulate_gradients(
     return total / label_tokens, label_tokens
 
 
+def make_optimizer(model: nn.Module, params: list[torch.nn.Parameter], cfg: TrainConfig) -> torch.optim.Optimizer:
+    """AdamW over the trainable parameters; with `train.loraplus_lr_ratio` != 1, peft's LoRA+
+    optimizer (the B matrices at lr x ratio; the schedule scales every group alike)."""
+    if cfg.loraplus_lr_ratio != 1.0:
+        from peft.optimizers import create_loraplus_optimizer
+
+        def build(**kernel: bool) -> torch.optim.Optimizer:
+            return create_loraplus_optimizer(
+                cast(Any, model),  # a peft model
+                torch.optim.AdamW,
+                lr=cfg.lr,
+                loraplus_lr_ratio=cfg.loraplus_lr_ratio,
+                weight_decay=cfg.weight_decay,
+                loraplus_weight_decay=cfg.weight_decay,
+                **kernel,
+            )
+    else:
+
+        def build(**kernel: bool) -> torch.optim.Optimizer:
+            return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, **cast(Any, kernel))
+
+    try:  # fused: one kernel for all LoRA tensors (measured 3x faster than foreach on 2 CPU threads)
+        return build(fused=True)
+    except (RuntimeError, ValueError):  # a device or dtype without the fused kernel
+        return build(foreach=True)
+
+
 def train_loop(
     model: nn.Module,
     batches: Iterator[Mapping[str, torch.Tensor]],
@@ -154,10 +181,7 @@ def train_loop(
     runs in eval mode and draws no random numbers, so the training steps are the same with it.
     """
     params = [p for p in model.parameters() if p.requires_grad]
-    try:  # fused: one kernel for all LoRA tensors (measured 3x faster than foreach on 2 CPU threads)
-        optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, fused=True)
-    except (RuntimeError, ValueError):  # a device or dtype without the fused kernel
-        optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, foreach=True)
+    optimizer = make_optimizer(model, params, cfg)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer,
         lr_lambda=lambda s: lr_factor(

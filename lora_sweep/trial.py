@@ -22,13 +22,14 @@ from typing import TYPE_CHECKING, Any, cast
 import torch
 
 from lora_sweep import data as data_lib
+from lora_sweep.adapters import save_adapter
 from lora_sweep.cache import CachedModel, TrialCache
 from lora_sweep.chat import assistant_mask_batch, check_assistant_labels, check_conversations
 from lora_sweep.config import RunConfig
 from lora_sweep.embedded import SANITY_CHAT_PATH, SANITY_SAMPLES_PATH
 from lora_sweep.errors import INPUT_ERRORS, ConfigError
 from lora_sweep.evaluate import EVAL_TOKENS_PER_BATCH, EvalResult, eval_batches, evaluate_loss
-from lora_sweep.lora import adapted_modules, apply_lora, check_rank, count_parameters
+from lora_sweep.lora import adapted_modules, apply_lora, base_weights_to_restore, check_rank, count_parameters
 from lora_sweep.memory import peak_memory_mb, reset_peak_memory
 from lora_sweep.metrics import TrialMetrics, compute_metrics, eval_summary
 from lora_sweep.model import (
@@ -42,6 +43,7 @@ from lora_sweep.model import (
 )
 from lora_sweep.precision import resolve_precision
 from lora_sweep.results import COLUMN_DOCS, ResultsError, check_appendable, write_json, write_step_log
+from lora_sweep.samples import SAMPLES_FILENAME, SamplePrompts, prepare_samples, write_samples
 from lora_sweep.selfcheck import MODEL_LEVEL_CHECKS, FirstStepCheck, SelfCheckError, run_self_check
 from lora_sweep.split import split_records
 from lora_sweep.sweep.objective import failure_reason, is_out_of_memory
@@ -82,7 +84,9 @@ class Prepared:
     eval_batches: list[dict[str, torch.Tensor]]
     eval_key: tuple  # identifies the validation set as tokenized (base evaluations are cached by it)
     probe_assistant: torch.Tensor | None = None  # chat: the probe's assistant tokens ([B, S] bool)
+    restore: dict[str, torch.Tensor] = field(default_factory=dict)  # base weights the init changed
     cache_hit: bool = False
+    samples: SamplePrompts | None = None  # answered after a completed trial (train.sample_prompts)
 
 
 @dataclass
@@ -109,6 +113,9 @@ class TrialResult:
     train_seconds: float = 0.0
     step_seconds: float = 0.0
     eval_seconds: float = 0.0
+    sample_seconds: float = 0.0
+    adapter_dir: Path | None = None  # <run_dir>/adapter when saved (a sweep may delete it later)
+    adapter_seconds: float = 0.0
     timestamp_utc: str = field(default_factory=lambda: datetime.now(UTC).isoformat(timespec="seconds"))
 
     def csv_row(
@@ -137,12 +144,14 @@ class TrialResult:
                 "real_tokens": self.real_tokens,
                 "peak_mem_mb": round(self.peak_mem_mb, 1),
                 "eval_seconds": round(self.eval_seconds, 3),
+                "sample_seconds": round(self.sample_seconds, 3),
                 "trainable_params": self.trainable_params,
                 "adapted_modules": ",".join(self.adapted_modules),
                 "precision": self.precision,
                 "attn_implementation": self.attn_implementation,
                 "device": self.device,
                 "run_dir": str(self.run_dir),
+                "adapter_dir": str(self.adapter_dir) if self.adapter_dir is not None else "",
             }
         )
         return row
@@ -169,6 +178,9 @@ class TrialResult:
             "train_seconds": self.train_seconds,
             "step_seconds": self.step_seconds,
             "eval_seconds": self.eval_seconds,
+            "sample_seconds": self.sample_seconds,
+            "adapter_dir": str(self.adapter_dir) if self.adapter_dir is not None else "",
+            "adapter_seconds": self.adapter_seconds,
             "timestamp_utc": self.timestamp_utc,
         }
 
@@ -254,7 +266,8 @@ def check_inputs(cfg: RunConfig, cache: TrialCache) -> None:
 
 def warm_up(cfg: RunConfig, cache: TrialCache) -> None:
     """What a long-lived sweep worker does once, before its first trial: load the base model
-    (and tokenize the data) into `cache` and run the model-level self-checks.
+    (and tokenize the data) into `cache`, run the model-level self-checks, and (in `prepare`)
+    let the base model answer the sample prompts.
 
     Bad input (one of `INPUT_ERRORS`, e.g. a rank too large for the model) is raised, so the
     sweep refuses it before its study is touched; anything else that fails here is left for the
@@ -306,10 +319,17 @@ def prepare(cfg: RunConfig, cache: TrialCache) -> Prepared:
     # model: seeded after loading and before the adapter is created, so LoRA A's init is
     # reproducible and the same whether the base model was loaded now or cached
     entry, hit = cache.checkout_model(model_dir, cfg.model, device)
-    model = None
+    model, restore = None, {}
     try:  # whatever fails from here on, the base model goes back to the cache without the adapter
         check_max_length(cfg.data.max_length, entry.model.config)  # a searched max_length
+        samples = None
+        if cfg.train.sample_prompts:  # the base model answers before an adapter changes it (PiSSA, OLoRA)
+            prompt_tokens = eval_max_length(cfg, entry.model.config) - cfg.train.sample_max_new_tokens
+            samples = prepare_samples(
+                cfg, val_records, tokenizer, entry, device=device, max_prompt_tokens=max(1, prompt_tokens)
+            )
         seed_everything(cfg.train.seed)
+        restore = base_weights_to_restore(entry.model, cfg.lora)  # PiSSA / OLoRA change W
         model = apply_lora(entry.model, cfg.lora)
         trainable, _ = count_parameters(model)
         eval_length = eval_max_length(cfg, entry.model.config)
@@ -346,10 +366,12 @@ def prepare(cfg: RunConfig, cache: TrialCache) -> Prepared:
             ),
             eval_key=(val_key, tok_key, cfg.data.template, eval_length, cfg.data.mask_prompt, cfg.data.train_on),
             probe_assistant=probe_assistant,
+            restore=restore,
             cache_hit=hit,
+            samples=samples,
         )
     except BaseException:
-        cache.give_back(entry, adapted=model)
+        cache.give_back(entry, adapted=model, restore=restore)
         raise
 
 
@@ -361,7 +383,7 @@ def prepared_trial(cfg: RunConfig, cache: TrialCache) -> Iterator[Prepared]:
     try:
         yield prepared
     finally:
-        cache.give_back(prepared.cached, adapted=prepared.model)
+        cache.give_back(prepared.cached, adapted=prepared.model, restore=prepared.restore)
 
 
 def _status(loop: LoopResult, metrics: Mapping[str, Any]) -> tuple[str, str]:
@@ -503,10 +525,25 @@ def _run_prepared(
         )
         result.metrics = metrics
         result.status, result.reason = _status(loop, metrics)
+        if result.status == "success" and cfg.train.save_adapter != "none":  # before give_back unloads it
+            result.adapter_dir, result.adapter_seconds = save_adapter(prepared.model, run_dir)
     except Exception as err:  # noqa: BLE001 - a trial reports failure instead of crashing the sweep
         out_of_memory = is_out_of_memory(err)
         result.status, result.reason = "failed", failure_reason(err)
         log.error("trial failed: %s", result.reason)
+    if result.status == "success" and prepared.samples is not None:
+        try:  # the trained adapter is still attached (the base model answered in `prepare`)
+            result.sample_seconds = write_samples(
+                run_dir / SAMPLES_FILENAME,
+                prepared.model,
+                prepared.samples,
+                device=prepared.device,
+                max_new_tokens=cfg.train.sample_max_new_tokens,
+                precision=precision,
+            )
+        except Exception as err:  # noqa: BLE001 - samples show a finished trial; they do not change its result
+            out_of_memory = out_of_memory or is_out_of_memory(err)
+            log.warning("samples not written: %s", failure_reason(err))
     result.steps_completed = len(loop.steps)
     result.real_tokens = sum(s.real_tokens for s in loop.steps)
     result.train_seconds, result.step_seconds = loop.train_seconds, loop.step_seconds

@@ -1,8 +1,11 @@
-"""optuna-dashboard, for real: the README's command on a real sweep's journal, read via its JSON API."""
+"""optuna-dashboard, for real: the README's command on a real sweep's journal, read via its JSON
+API, and the command a sweep prints, which also serves the trials' artifacts (samples)."""
 
 from __future__ import annotations
 
+import contextlib
 import json
+import shlex
 import shutil
 import socket
 import subprocess
@@ -10,11 +13,15 @@ import sys
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
+from lora_sweep.samples import SAMPLES_FILENAME, read_samples
 from lora_sweep.sweep.study import ATTR_PENALTY_FOR, JOURNAL_NAME
+from tests.conftest import run_cli
+from tests.scale_helpers import SWEEP_TINY
 from tests.test_analysis import tiny_sweep_dir
 
 pytest.importorskip("optuna_dashboard")
@@ -44,10 +51,14 @@ def _dashboard_command() -> list[str]:
     return [sys.executable, "-c", "import sys; from optuna_dashboard._cli import main; sys.exit(main())"]
 
 
-def _get(url: str) -> dict:
+def _read(url: str) -> bytes:
     with urllib.request.urlopen(url, timeout=10) as response:
         assert response.status == 200
-        return json.loads(response.read().decode("utf-8"))
+        return response.read()
+
+
+def _get(url: str) -> dict:
+    return json.loads(_read(url).decode("utf-8"))
 
 
 def _wait_until_up(proc: subprocess.Popen, url: str) -> dict:
@@ -60,6 +71,30 @@ def _wait_until_up(proc: subprocess.Popen, url: str) -> dict:
         except (urllib.error.URLError, ConnectionError, OSError):
             time.sleep(0.25)
     raise AssertionError(f"optuna-dashboard did not answer {url} within {START_TIMEOUT_S:.0f} s")
+
+
+@contextlib.contextmanager
+def _serve(args: list[str], *, cwd: Path) -> Iterator[str]:
+    """optuna-dashboard with `args` on 127.0.0.1 and a free port; yields its base URL once it answers."""
+    port = _free_port()
+    with (cwd / "dashboard.log").open("w") as log:
+        proc = subprocess.Popen(
+            [*_dashboard_command(), *args, "--host", "127.0.0.1", "--port", str(port)],
+            cwd=cwd,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
+        try:
+            base = f"http://127.0.0.1:{port}"
+            _wait_until_up(proc, f"{base}/api/studies")
+            yield base
+        finally:
+            proc.terminate()
+            try:
+                proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait(timeout=10)
 
 
 def _attrs(trial: dict) -> dict[str, str]:
@@ -75,17 +110,8 @@ def test_dashboard_serves_the_sweep(tiny_sweep: Path, tmp_path: Path) -> None:
     journal = tiny_sweep / JOURNAL_NAME
     study = analysis.load_study(tiny_sweep)
     expected = {t.number: t for t in study.get_trials() if ATTR_PENALTY_FOR not in t.user_attrs}
-    port = _free_port()
-    log = (tmp_path / "dashboard.log").open("w")
-    proc = subprocess.Popen(
-        [*_dashboard_command(), str(journal), "--host", "127.0.0.1", "--port", str(port)],
-        cwd=tmp_path,
-        stdout=log,
-        stderr=subprocess.STDOUT,
-    )
-    try:
-        base = f"http://127.0.0.1:{port}"
-        summaries = _wait_until_up(proc, f"{base}/api/studies")["study_summaries"]
+    with _serve([str(journal)], cwd=tmp_path) as base:
+        summaries = _get(f"{base}/api/studies")["study_summaries"]
         summary = next(s for s in summaries if s["study_name"] == "lora_sweep")
         assert summary["directions"] == ["maximize"]
 
@@ -115,15 +141,49 @@ def test_dashboard_serves_the_sweep(tiny_sweep: Path, tmp_path: Path) -> None:
         assert {"Complete", "Fail"} <= states
         failed = [n for n, t in expected.items() if t.state.name == "FAIL"]
         assert all(_attrs(by_number[n])["status"] == "diverged" for n in failed)
+        # every completed trial's samples are an artifact of it; a diverged one has none
+        artifacts = {n: {a["filename"] for a in by_number[n]["artifacts"]} for n in expected}
+        assert all(SAMPLES_FILENAME in artifacts[n] for n, t in expected.items() if t.state.name == "COMPLETE")
+        assert all(SAMPLES_FILENAME not in artifacts[n] for n in failed)
         penalties = [t for t in detail["trials"] if ATTR_PENALTY_FOR in _attrs(t)]
         assert len(penalties) == len(failed)
         assert {a["key"] for a in detail["union_user_attrs"]} >= {"stability_index", "status", "reason"}
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(timeout=10)
-        log.close()
-    assert proc.returncode is not None
+
+
+@pytest.mark.slow
+def test_printed_dashboard_command_serves_the_best_trials_samples(tmp_path: Path) -> None:
+    from lora_sweep import analysis
+
+    results = tmp_path / "results"
+    res = run_cli("-m", f"results_dir={results}", "hydra.sweeper.n_trials=2", *SWEEP_TINY, cwd=tmp_path)
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    printed = next(line for line in res.stdout.splitlines() if line.startswith("[lora_sweep] dashboard: "))
+    command = shlex.split(printed.removeprefix("[lora_sweep] dashboard: "))
+    assert command == ["optuna-dashboard", str(results / JOURNAL_NAME), "--artifact-dir", str(results / "artifacts")]
+
+    best = int(analysis.best_trials(analysis.load_trials(results), n=1)["trial_number"].iloc[0])
+    with _serve(command[1:], cwd=tmp_path) as base:  # exactly the printed arguments
+        study_id = next(s["study_id"] for s in _get(f"{base}/api/studies")["study_summaries"])
+        trials = {t["number"]: t for t in _get(f"{base}/api/studies/{study_id}?after=0")["trials"]}
+        shown = trials[best]
+        by_name = {a["filename"]: a for a in shown["artifacts"]}  # adapters may be there too
+        samples = by_name[SAMPLES_FILENAME]
+        assert samples["mimetype"] == "application/jsonl"
+        body = _read(f"{base}/artifacts/{study_id}/{shown['trial_id']}/{samples['artifact_id']}")
+    run_dir = Path(_attrs(shown)["run_dir"])
+    assert body == (run_dir / SAMPLES_FILENAME).read_bytes()
+    lines = [json.loads(line) for line in body.decode("utf-8").splitlines()]
+    assert lines == read_samples(run_dir / SAMPLES_FILENAME) and len(lines) == 3
+    assert {"prompt", "reference", "answer", "base_answer"} <= set(lines[0])
+
+
+def test_dashboard_args_come_from_the_apps_hooks(tmp_path: Path) -> None:
+    from omegaconf import OmegaConf
+
+    from lora_sweep.sweep.hooks import SweepHooks, load_hooks
+    from lora_sweep.sweep_hooks import HOOKS
+
+    app_cfg = OmegaConf.create({"results_dir": str(tmp_path)})
+    assert HOOKS.dashboard_args(app_cfg) == ["--artifact-dir", str(tmp_path / "artifacts")]
+    assert SweepHooks().dashboard_args(app_cfg) == []  # an app without hooks: the plain command
+    assert load_hooks("lora_sweep.sweep_hooks").dashboard_args(app_cfg) == HOOKS.dashboard_args(app_cfg)

@@ -20,6 +20,11 @@ EXPECTED = {
     "stability_index.ipynb": {"stability_components"},
 }
 MIN_IMAGES = {"compare_trials.ipynb": 5, "stability_index.ipynb": 2}
+# notebook -> columns of the tables it must show (HTML outputs)
+TABLE_COLUMNS = {
+    "compare_trials.ipynb": {"prompt", "reference", "base_answer", "answer"},
+    "stability_index.ipynb": set(),
+}
 
 
 @pytest.fixture(scope="session")
@@ -50,7 +55,11 @@ def test_notebook_reads_through_lora_sweep_analysis(name: str) -> None:
 
 def test_readme_images_exist() -> None:
     readme = (REPO / "README.md").read_text()
-    for image in ("notebooks/images/dashboard.png", "notebooks/images/curves.png"):
+    for image in (
+        "notebooks/images/dashboard.png",
+        "notebooks/images/dashboard_artifacts.png",
+        "notebooks/images/curves.png",
+    ):
         assert f"]({image})" in readme
         assert (REPO / image).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
@@ -103,3 +112,7 @@ def test_notebook_runs_headless(name: str, tiny_sweep: Path, tmp_path: Path, mon
     assert {p.stem for p in figures.glob("*.png")} == EXPECTED[name]
     text = "".join(o.get("text", "") for o in outputs if o["output_type"] == "stream")
     assert "Traceback" not in text
+    html = "".join(o["data"].get("text/html", "") for o in outputs if "data" in o)
+    assert all(f"<th>{column}</th>" in html for column in TABLE_COLUMNS[name])
+    if TABLE_COLUMNS[name]:  # the base model against the best trial: a table, not the "no samples" note
+        assert "against the base model" in text and "no samples" not in text

@@ -52,6 +52,7 @@ class LoraSweepSweeper(Sweeper):
         )
 
     def sweep(self, arguments: List[str]) -> Any:
+        from lora_sweep.sweep.console import format_summary
         from lora_sweep.sweep.runner import (
             EXIT_ABORTED,
             EXIT_INTERRUPTED,
@@ -59,7 +60,6 @@ class LoraSweepSweeper(Sweeper):
             USER_ERRORS,
             SweepAbortedError,
             SweepRunner,
-            format_summary,
             restore_sigint,
         )
 

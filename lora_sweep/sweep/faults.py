@@ -9,7 +9,9 @@ Points (where they are reached):
 * ``csv_write`` -- the CSV append, after HALF of the row's bytes were written (a torn row);
 * ``before_tell`` -- the job returned (row written), the sweeper has not told the study yet;
 * ``journal_write`` -- a journal-storage append (``lora_sweep.sweep.study``), after HALF of its
-  bytes were written (a torn record).
+  bytes were written (a torn record);
+* ``adapter_save`` -- an adapter save (``lora_sweep.adapters``): its files written and fsync'd
+  in the temporary directory, not yet renamed into place.
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ import signal
 from collections.abc import Callable
 
 ENV_VAR = "LORA_SWEEP_FAULT"
-POINTS = ("step", "after_record", "csv_write", "before_tell", "journal_write")
+POINTS = ("step", "after_record", "csv_write", "before_tell", "journal_write", "adapter_save")
 _hits: dict[str, int] = {}
 
 

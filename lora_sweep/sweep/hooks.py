@@ -13,10 +13,15 @@ instance, a subclass, or a module):
   Optuna's ``best_trial(s)``, the best feasible by the objective), for an app whose "best" also
   weighs something the objective does not;
 * ``summary_lines(study)``: more lines for the end-of-sweep summary;
+* ``dashboard_args(app_cfg)``: more arguments for the printed ``optuna-dashboard`` command,
+  e.g. ``--artifact-dir DIR`` where the app keeps its trials' artifacts;
 * ``on_recovered(recorded)``: called when a trial is finished from the result its job recorded
   (``TrialReporter.record_result``) because the sweep process died before telling the study;
   the app writes whatever the job would have written after recording (e.g. a results row).
-  It must be idempotent: the job may have written it before the process died.
+  It must be idempotent: the job may have written it before the process died;
+* ``on_sweep_end(study)``: called once when a sweep has run all its trials (by the first
+  worker, after the others stopped; not after Ctrl-C, an abort, or a run with nothing to do),
+  before the summary, e.g. to tidy up what the trials left or export the best one.
 """
 
 from __future__ import annotations
@@ -47,8 +52,15 @@ class SweepHooks:
         """Extra lines for the end-of-sweep summary."""
         return []
 
+    def dashboard_args(self, app_cfg: Any) -> list[str]:
+        """Extra arguments of the printed optuna-dashboard command (after the storage)."""
+        return []
+
     def on_recovered(self, recorded: Mapping[str, Any]) -> None:
         """Finish the app-side effects of a trial told from its recorded job result."""
+
+    def on_sweep_end(self, study: Any) -> None:
+        """What the app does once the sweep's trials are all finished."""
 
 
 class _ModuleHooks(SweepHooks):
@@ -70,10 +82,19 @@ class _ModuleHooks(SweepHooks):
         handler = getattr(self._source, "summary_lines", None)
         return list(handler(study)) if handler is not None else []
 
+    def dashboard_args(self, app_cfg: Any) -> list[str]:
+        handler = getattr(self._source, "dashboard_args", None)
+        return [str(a) for a in handler(app_cfg)] if handler is not None else []
+
     def on_recovered(self, recorded: Mapping[str, Any]) -> None:
         handler = getattr(self._source, "on_recovered", None)
         if handler is not None:
             handler(recorded)
+
+    def on_sweep_end(self, study: Any) -> None:
+        handler = getattr(self._source, "on_sweep_end", None)
+        if handler is not None:
+            handler(study)
 
 
 def load_hooks(path: str | None) -> SweepHooks:

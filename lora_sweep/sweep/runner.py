@@ -19,6 +19,7 @@ cooperates (Optuna's distributed optimisation); each process is just another wor
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import logging
 import math
@@ -27,15 +28,23 @@ import shlex
 import signal
 import subprocess
 import sys
+import threading
 import time
 import warnings
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, cast
 
 from lora_sweep.sweep import study as study_mod
 from lora_sweep.sweep.compose_cache import CachingConfigLoader
+from lora_sweep.sweep.console import (
+    ATTR_OVERRIDES,
+    LEADERBOARD_SIZE,
+    SweepConsole,
+    SweepSummary,
+    TrialRow,
+    format_header,
+)
 from lora_sweep.sweep.context import ATTR_JOB_RESULT, STUDY_ATTR_PRUNER, TrialContext
 from lora_sweep.sweep.faults import crash_point
 from lora_sweep.sweep.hooks import SweepHooks, SweepHooksError, load_hooks
@@ -52,6 +61,7 @@ from lora_sweep.sweep.space import SearchSpace, SearchSpaceError, format_value, 
 
 log = logging.getLogger(__name__)
 DEFAULT_SUBDIR = "${hydra.job.num}"
+BASIC_LAUNCHER_LOGGER = "hydra._internal.core_plugins.basic_launcher"
 _VALUE_FLAGS = {"-cp", "-cn", "-cd", "--config-path", "--config-name", "--config-dir"}
 _SEED_STRIDE = 100_003
 # Exit codes of a sweep: bad settings or input (one line, nothing written), too many failed
@@ -62,6 +72,8 @@ EXIT_INTERRUPTED = 130
 # After a Ctrl-C, how long worker 0 waits for its workers (they got the same SIGINT from the
 # terminal) before it sends them one itself (a SIGINT sent to worker 0 alone).
 WORKER_STOP_GRACE_S = 15.0
+# How often worker 0 reads the study back for the lines of the trials its workers finished.
+WORKER_POLL_S = 2.0
 
 
 class SweepError(RuntimeError):
@@ -81,21 +93,6 @@ USER_ERRORS = (
     SweepHooksError,
     study_mod.StudyMismatchError,
 )
-
-
-@dataclass
-class SweepSummary:
-    """Result of :meth:`SweepRunner.run`."""
-
-    study_name: str
-    storage: str
-    finished: int
-    failed: int
-    pruned: int
-    best: list[dict[str, Any]] = field(default_factory=list)
-    replay_commands: list[str] = field(default_factory=list)
-    nothing_to_do: bool = False
-    notes: list[str] = field(default_factory=list)
 
 
 def _setting(settings: Any, key: str, default: Any = None) -> Any:
@@ -247,6 +244,98 @@ def set_threads(threads: int) -> None:
         torch.set_num_threads(threads)
 
 
+def quiet_launcher_log(hydra_verbose: Any = False) -> None:
+    """No ``Launching 1 jobs locally`` and ``#N : <overrides>`` (with the base64 trial context)
+    per trial from Hydra's in-process launcher: the console has one line per trial. The logger's
+    level is set, not Hydra patched: ``hydra.verbose`` keeps the lines, and a
+    ``hydra/hydra_logging`` config that names the logger sets its own level at each launch."""
+    if not hydra_verbose:
+        logging.getLogger(BASIC_LAUNCHER_LOGGER).setLevel(logging.WARNING)
+
+
+def best_trials(study: Any, hooks: SweepHooks) -> list[Any]:
+    """The summary's best trial(s): the hooks' choice, else Optuna's best feasible trial (its
+    Pareto front with several objectives); never a penalty record."""
+    best = hooks.best_trials(study)
+    if best is None:
+        try:
+            best = study.best_trials if len(study.directions) > 1 else [study.best_trial]
+        except ValueError:  # no feasible completed trial
+            best = []
+    return [t for t in best if study_mod.ATTR_PENALTY_FOR not in t.user_attrs]
+
+
+def rank_trials(study: Any, hooks: SweepHooks, *, limit: int = LEADERBOARD_SIZE) -> list[Any]:
+    """The study's top ``limit`` trials, best first, by its own ranking: the best trial(s) as
+    :func:`best_trials` chooses them, then the best of the other trials by the same rule, and
+    so on (with several objectives: successive Pareto fronts, each by its first objective)."""
+    ranked: list[Any] = []
+    while len(ranked) < limit:
+        view = _StudyView(study, {t.number for t in ranked}) if ranked else study
+        taken = {t.number for t in ranked}
+        picks = [t for t in best_trials(view, hooks) if t.number not in taken]
+        if not picks:
+            break
+        ranked.extend(sorted(picks, key=lambda t: _first_objective_key(study, t)))
+    return ranked[:limit]
+
+
+def _first_objective_key(study: Any, trial: Any) -> tuple[float, int]:
+    from optuna.study import StudyDirection
+
+    value = trial.values[0] if trial.values else math.inf
+    return (-value if study.directions[0] == StudyDirection.MAXIMIZE else value), trial.number
+
+
+class _StudyView:
+    """A study without some trials (read-only), for :func:`rank_trials`: ``get_trials``,
+    ``trials`` and Optuna's ``best_trial``/``best_trials`` rule see only the others."""
+
+    def __init__(self, study: Any, excluded: set[int]) -> None:
+        self._study = study
+        self._excluded = excluded
+
+    def get_trials(self, deepcopy: bool = True, states: Any = None) -> list[Any]:
+        trials = self._study.get_trials(deepcopy=deepcopy, states=states)
+        return [t for t in trials if t.number not in self._excluded]
+
+    @property
+    def trials(self) -> list[Any]:
+        return self.get_trials()
+
+    def _feasible(self) -> list[Any]:
+        from optuna.trial import TrialState
+
+        return [
+            t
+            for t in self.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+            if t.values is not None and study_mod.is_counted(t) and all(v <= 0 for v in t.constraints.values())
+        ]
+
+    @property
+    def best_trial(self) -> Any:
+        feasible = self._feasible()
+        if not feasible:
+            raise ValueError("no feasible completed trial")
+        return min(feasible, key=lambda t: _first_objective_key(self._study, t))
+
+    @property
+    def best_trials(self) -> list[Any]:
+        from optuna.study import StudyDirection
+
+        signs = [-1.0 if d == StudyDirection.MAXIMIZE else 1.0 for d in self._study.directions]
+        feasible = self._feasible()
+
+        def dominates(a: Any, b: Any) -> bool:
+            pairs = [(s * x, s * y) for s, x, y in zip(signs, a.values, b.values, strict=True)]
+            return all(x <= y for x, y in pairs) and any(x < y for x, y in pairs)
+
+        return [t for t in feasible if not any(dominates(o, t) for o in feasible)]
+
+    def __getattr__(self, name: str) -> Any:  # directions, metric_names, user_attrs, ...
+        return getattr(self._study, name)
+
+
 class SweepRunner:
     """Runs one sweep (one worker) of a Hydra app against an Optuna study.
 
@@ -256,6 +345,8 @@ class SweepRunner:
         launcher: Hydra launcher (``launch(job_overrides, initial_job_idx)``).
         argv: The process's command line (for worker processes and replay commands).
         is_basic_launcher: True for Hydra's in-process basic launcher.
+        console: Where the sweep shows itself (default: this process's stdout; worker 0 prints
+            the trials' lines, the other workers print none).
     """
 
     def __init__(
@@ -266,6 +357,7 @@ class SweepRunner:
         launcher: Any,
         argv: Sequence[str] | None = None,
         is_basic_launcher: bool = True,
+        console: SweepConsole | None = None,
     ) -> None:
         self.settings = settings
         self.config = config
@@ -275,6 +367,8 @@ class SweepRunner:
         if is_basic_launcher:
             _cache_job_configs(launcher)
         self.worker_id = int(_setting(settings, "worker_id", 0))
+        leader = self.worker_id == 0
+        self.console = console if console is not None else SweepConsole(trials=leader, live=None if leader else False)
         self.study: Any = None
         self.space = SearchSpace()
         self.spec: ObjectiveSpec | None = None
@@ -284,6 +378,7 @@ class SweepRunner:
         self.hooks: SweepHooks = SweepHooks()
         self.interrupted: list[int] = []  # trials this process recorded as interrupted (Ctrl-C)
         self.previous_sigint: Any = None  # the SIGINT handler to restore after a Ctrl-C
+        self._relays: list[threading.Thread] = []  # copy the spawned workers' output to the console
 
     # ----------------------------------------------------------------- setup
     def _app_config(self) -> Any:
@@ -326,7 +421,7 @@ class SweepRunner:
         if is_grid(_setting(self.settings, "sampler")):
             size = grid_size(self.space.distributions)
             if size < n:
-                log.info("Grid has %d points: n_trials capped from %d to %d", size, n, size)
+                log.debug("Grid has %d points: n_trials capped from %d to %d", size, n, size)
                 n = size
         return n
 
@@ -450,8 +545,8 @@ class SweepRunner:
             trial.set_user_attr("job_dir", str(sweep_dir / subdir))
         hidden = self._hidden_overrides(trial._trial_id, trial.number, subdir)
         trial.set_user_attr(study_mod.ATTR_WORKER, study_mod.worker_tag())
-        trial.set_user_attr("overrides", shlex.join(task_overrides))
-        log.info("[trial %d] %s", trial.number, " ".join(task_overrides) or "(no overrides)")
+        trial.set_user_attr(ATTR_OVERRIDES, shlex.join(task_overrides))
+        log.debug("[trial %d] %s", trial.number, " ".join(task_overrides) or "(no overrides)")
         return trial, task_overrides + hidden
 
     def _outcome(self, job_return: Any) -> Outcome:
@@ -479,21 +574,14 @@ class SweepRunner:
         if outcome.state == "complete":
             for name, value in outcome.constraints.items():
                 trial.set_constraint(name, value)
-            frozen = self.study.tell(trial, outcome.values)
-            assert self.spec is not None
-            values = ", ".join(
-                f"{n}={v:.6g}" for n, v in zip(self.spec.metric_names, outcome.values or [], strict=True)
-            )
-            infeasible = any(v > 0 for v in outcome.constraints.values())
-            log.info("[trial %d] COMPLETE %s%s", frozen.number, values, " (infeasible)" if infeasible else "")
+            self.study.tell(trial, outcome.values)
         elif outcome.state == "pruned":
             self.study.tell(trial, state=TrialState.PRUNED)
-            log.info("[trial %d] PRUNED %s", trial.number, outcome.reason)
         else:
             frozen = self.study.tell(trial, state=TrialState.FAIL)
-            log.warning("[trial %d] FAIL (%s) %s", trial.number, outcome.status, outcome.reason)
             if _setting(self.settings, "penalize_failures", True):
                 study_mod.add_penalty_record(self.study, frozen)
+        self.console.poll()  # its line (with state, values and reason) and the progress line
 
     def _finish_recorded(self, frozen: Any) -> bool:
         """Tell a dead process's trial whose job had recorded its result (killed before `tell`)."""
@@ -504,7 +592,7 @@ class SweepRunner:
             return False
         self._tell(optuna.trial.Trial(self.study, frozen._trial_id), outcome_from_return(dict(recorded), self.spec))
         self.hooks.on_recovered(recorded)
-        log.warning("[trial %d] finished from the result its job recorded before the sweep stopped", frozen.number)
+        self.console.note(f"trial {frozen.number} finished from the result its job recorded before the sweep stopped")
         return True
 
     def _check_failure_rate(self) -> None:
@@ -547,7 +635,7 @@ class SweepRunner:
                 for trial in trials:  # not a failed configuration: no penalty, queued again
                     study_mod.interrupt_trial(self.study, trial)
                     self.interrupted.append(trial.number)
-                    log.warning("[trial %d] interrupted; its params are queued again", trial.number)
+                    self.console.note(f"trial {trial.number} interrupted; its params are queued again")
                 raise
             except BaseException as exc:
                 for trial in trials:  # the launcher itself failed: do not leave RUNNING trials
@@ -559,7 +647,7 @@ class SweepRunner:
                 try:
                     self._tell(trial, self._outcome(job_return))
                 except UpdateFinishedTrialError:  # another process judged this worker dead
-                    log.warning("[trial %d] was finished by another process; result not recorded", trial.number)
+                    self.console.note(f"trial {trial.number} was finished by another process; result not recorded")
 
     # ----------------------------------------------------------------- workers
     def _spawn_workers(self, n_workers: int, threads: int) -> list[subprocess.Popen[bytes]]:
@@ -578,8 +666,12 @@ class SweepRunner:
             cmd = [*prefix, *keep, *extra, f"hydra.sweeper.worker_id={i}"]
             if "-m" not in keep and "--multirun" not in keep:
                 cmd.append("-m")
-            log.info("Starting worker %d: %s", i, shlex.join(cmd))
-            procs.append(subprocess.Popen(cmd, env=env))
+            log.debug("Starting worker %d: %s", i, shlex.join(cmd))
+            # its output comes through this process's console: whole lines, above the progress line
+            proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+            assert proc.stdout is not None and proc.stderr is not None
+            self._relays += [self.console.relay(proc.stdout), self.console.relay(proc.stderr, error=True)]
+            procs.append(proc)
         return procs
 
     def _note_sigint_handler(self, replaced: Any) -> None:
@@ -600,32 +692,62 @@ class SweepRunner:
         return [proc.wait() for proc in procs]
 
     # ----------------------------------------------------------------- run
+    def _header(self, *, target: int, finished: int, n_jobs: int, threads: int) -> None:
+        assert self.spec is not None
+        dashboard = study_mod.dashboard_command(study_mod.redact(self.storage))
+        dashboard += "".join(f" {shlex.quote(a)}" for a in self.hooks.dashboard_args(self._app_config()))
+        objective = ", ".join(f"{d} {n}" for n, d in zip(self.spec.metric_names, self.spec.directions, strict=True))
+        if finished >= target:
+            workers = ""
+        elif not self.is_basic:
+            workers = f"batches of {n_jobs} through {type(self.launcher).__name__}"
+        elif n_jobs > 1:
+            workers = f"{n_jobs} workers x {threads} thread{'s' if threads > 1 else ''}"
+        else:
+            workers = "1 worker"
+        header = format_header(
+            study_name=self.study_name,
+            storage=study_mod.redact(self.storage),
+            dashboard=dashboard,
+            target=target,
+            finished=finished,
+            objective=objective,
+            workers=workers,
+        )
+        for line in header:
+            self.console.write(line)
+
     def run(self, arguments: Sequence[str]) -> SweepSummary:
         """Runs the sweep until the study has ``n_trials`` finished trials."""
+        started = time.monotonic()
         self.prepare(arguments)
+        if self.is_basic:
+            quiet_launcher_log(_omegaconf_select(self.config, "hydra.verbose"))
         self.open()
+        assert self.spec is not None
         target = self._target()
         n_jobs = resolve_n_jobs(_setting(self.settings, "n_jobs", 1), is_basic=self.is_basic)
         p = study_mod.progress(self.study)
-        if self.worker_id == 0:
-            print(f"[lora_sweep] study '{self.study_name}' in {study_mod.redact(self.storage)}", flush=True)
-            print(f"[lora_sweep] dashboard: {study_mod.dashboard_command(study_mod.redact(self.storage))}", flush=True)
-            print(f"[lora_sweep] {p.finished} of n_trials={target} trials already finished", flush=True)
+        if self.is_basic:  # no more workers than trials left to run
+            n_jobs = max(1, min(n_jobs, target - p.finished))
+        threads = max(1, _cpu_count() // n_jobs)
+        leader = self.worker_id == 0
+        if leader:
+            self._header(target=target, finished=p.finished, n_jobs=n_jobs, threads=threads)
+            requested = int(_setting(self.settings, "n_trials", 20))
+            if target < requested:
+                self.console.note(f"the grid has {target} points: n_trials capped from {requested} to {target}")
         if p.finished >= target:
-            if self.worker_id == 0:
-                print(
-                    f"[lora_sweep] nothing to do: the study already has {p.finished} finished "
-                    f"trials (n_trials={target}); raise hydra.sweeper.n_trials to continue",
-                    flush=True,
+            if leader:
+                self.console.note(
+                    f"nothing to do: the study already has {p.finished} finished "
+                    f"trials (n_trials={target}); raise hydra.sweeper.n_trials to continue"
                 )
             summary = self.summary()
             summary.nothing_to_do = True
             return summary
         procs: list[subprocess.Popen[bytes]] = []
-        if self.is_basic:  # no more workers than trials left to run
-            n_jobs = max(1, min(n_jobs, target - p.finished))
-        threads = max(1, _cpu_count() // n_jobs)
-        if n_jobs > 1 and self.is_basic and self.worker_id == 0:
+        if n_jobs > 1 and self.is_basic and leader:
             if self.storage.startswith("sqlite:///:memory:"):
                 raise SweepError("n_jobs > 1 needs a shared storage, not in-memory SQLite")
             set_threads(threads)
@@ -637,25 +759,46 @@ class SweepRunner:
         else:
             batch_size = 1
         self._prime_job_configs()
+        if leader:
+            self.console.follow(
+                self.study,
+                total=target,
+                metric_names=self.spec.metric_names,
+                fixed=list(self.space.fixed),
+                best=lambda: best_trials(self.study, self.hooks),
+                poll_every_s=WORKER_POLL_S if procs else None,
+            )
         interrupted = False
         try:
-            self._loop(target, batch_size)
-        except KeyboardInterrupt:
-            interrupted = True
-            self._note_sigint_handler(exit_on_next_sigint())
-            raise
+            # this process's own output (its jobs' logs, warnings) as whole lines through the console
+            with self.console.capture() if leader else contextlib.nullcontext():
+                try:
+                    self._loop(target, batch_size)
+                except KeyboardInterrupt:
+                    interrupted = True
+                    self._note_sigint_handler(exit_on_next_sigint())
+                    raise
+                finally:
+                    codes = self._wait_workers(procs, interrupted=interrupted)
+                    for relay in self._relays:  # the workers' last lines before the summary
+                        relay.join(timeout=10)
+                    if any(codes) and not interrupted:
+                        self.console.note(f"worker exit codes: {codes}")
+                if procs:
+                    if study_mod.recover_stale(self.study, finish=self._finish_recorded):  # a worker died mid-trial
+                        self._loop(target, 1)
+                    self._check_failure_rate()
         finally:
-            codes = self._wait_workers(procs, interrupted=interrupted)
-            if any(codes) and not interrupted:
-                log.warning("Worker exit codes: %s", codes)
-        if procs:
-            if study_mod.recover_stale(self.study, finish=self._finish_recorded):  # a worker died mid-trial
-                self._loop(target, 1)
-            self._check_failure_rate()
-        return self.summary()
+            self.console.close()
+        if leader:  # once, after every worker stopped
+            self.hooks.on_sweep_end(self.study)
+        summary = self.summary()
+        summary.elapsed_s = time.monotonic() - started
+        return summary
 
     def summary(self) -> SweepSummary:
-        """Best feasible trial(s), their values and replay commands."""
+        """Counts, the best feasible trial(s) with their values and replay commands, and the
+        top trials by the study's ranking."""
         assert self.spec is not None
         p = study_mod.progress(self.study)
         out = SweepSummary(
@@ -664,20 +807,14 @@ class SweepRunner:
             finished=p.finished,
             failed=p.failed,
             pruned=p.pruned,
+            metric_names=self.spec.metric_names,
         )
-        best = self.hooks.best_trials(self.study)
-        if best is None:
-            try:
-                best = self.study.best_trials if len(self.spec.directions) > 1 else [self.study.best_trial]
-            except ValueError:
-                best = []
+        best = best_trials(self.study, self.hooks)
         out.notes = list(self.hooks.summary_lines(self.study))
         replay = _setting(self.settings, "replay_command")
         base = shlex.split(str(replay)) if replay else app_command(self.argv)
         for trial in best:
-            if trial.user_attrs.get(study_mod.ATTR_PENALTY_FOR) is not None:
-                continue
-            overrides = shlex.split(str(trial.user_attrs.get("overrides", "")))
+            overrides = shlex.split(str(trial.user_attrs.get(ATTR_OVERRIDES, "")))
             command = shlex.join([*base, *overrides])
             out.best.append(
                 {
@@ -687,23 +824,15 @@ class SweepRunner:
                 }
             )
             out.replay_commands.append(command)
+        fixed = list(self.space.fixed)
+        out.leaderboard = [
+            TrialRow.from_trial(t, metric_names=self.spec.metric_names, fixed=fixed)
+            for t in rank_trials(self.study, self.hooks)
+        ]
         return out
 
 
-def format_summary(summary: SweepSummary) -> str:
-    """Human-readable end-of-sweep summary."""
-    lines = [
-        f"[lora_sweep] study '{summary.study_name}': {summary.finished} finished trials "
-        f"({summary.failed} failed, {summary.pruned} pruned)",
-    ]
-    if not summary.best:
-        lines.append("[lora_sweep] no feasible completed trial yet")
-    for best, command in zip(summary.best, summary.replay_commands, strict=False):
-        values = ", ".join(
-            f"{k}={v:.6g}" if isinstance(v, float) and math.isfinite(v) else f"{k}={v}"
-            for k, v in best["values"].items()
-        )
-        lines.append(f"[lora_sweep] best trial {best['number']}: {values}; params {best['params']}")
-        lines.append(f"[lora_sweep] replay: {command}")
-    lines.extend(f"[lora_sweep] {note}" for note in summary.notes)
-    return "\n".join(lines)
+def _omegaconf_select(config: Any, key: str) -> Any:
+    from omegaconf import OmegaConf
+
+    return OmegaConf.select(config, key, default=None)
