@@ -176,5 +176,5 @@ def test_bad_option_exits_2_with_one_line(install: Install) -> None:
     proc = install.run("-m", "lora_sweep", "lora=nope", "results_dir=out", cwd=work)
     assert proc.returncode == 2
     lines = [line for line in proc.stderr.splitlines() if line.strip()]
-    assert len(lines) == 1 and "Available options in 'lora': all_linear, qv" in lines[0], proc.stderr
+    assert len(lines) == 1 and "Available options in 'lora': all_linear, default, qv" in lines[0], proc.stderr
     assert not (work / "out").exists()
