@@ -291,7 +291,8 @@ def test_two_workers_print_whole_lines_only(tmp_path: Path) -> None:
     assert proc.returncode == 0, proc.stderr[-3000:]
     lines = proc.stdout.splitlines()
     study = _load(tmp_path)
-    assert len({t.user_attrs["worker"] for t in study.trials}) == 2  # both workers ran trials
+    # two worker processes ran (under load one may finish every trial before the other starts one)
+    assert "; 2 workers x 1 thread" in proc.stdout
     # a trial's log records, and (verbose) the sweep process's own
     job_log = re.compile(r"\[\d{4}-\d\d-\d\d [\d:,]+\](?:\[[\w.]+\]\[(?:INFO|WARNING)\] -|\[HYDRA\]) \S.*")
     notes = [f"[lora_sweep] {note}" for note in HOOKS.summary_lines(study)]
