@@ -328,15 +328,17 @@ def _merge(from_csv: pd.DataFrame, from_study: pd.DataFrame) -> pd.DataFrame:
 # --------------------------------------------------------------------------- curves
 
 
-def _run_dir(row: pd.Series, results_dir: Path | None, study_name: str) -> Path | None:
+def _run_dir(row: pd.Series, results_dir: Path | None, study_name: str, *, marker: str = "steps.csv") -> Path | None:
+    """The row's run directory holding `marker`: where it was recorded, else (moved results) its
+    trial's directory under `results_dir`."""
     recorded = row.get("run_dir")
-    if isinstance(recorded, str) and recorded and (Path(recorded) / "steps.csv").is_file():
+    if isinstance(recorded, str) and recorded and (Path(recorded) / marker).is_file():
         return Path(recorded)
     number = row.get("trial_number")
     if results_dir is not None and number is not None and not pd.isna(number):
         study = row.get("study_name") or study_name
         candidate = results_dir / "sweeps" / str(study) / str(int(number))
-        if (candidate / "steps.csv").is_file():
+        if (candidate / marker).is_file():
             return candidate
     return None
 
@@ -657,12 +659,8 @@ def _finite(value: Any) -> float | None:
 def _samples_path(row: pd.Series, results_dir: Path, study_name: str) -> Path | None:
     from lora_sweep.samples import SAMPLES_FILENAME
 
-    recorded = row.get("run_dir")
-    candidates = [Path(recorded)] if isinstance(recorded, str) and recorded else []
-    number = row.get("trial_number")
-    if number is not None and not pd.isna(number):
-        candidates.append(results_dir / "sweeps" / str(row.get("study_name") or study_name) / str(int(number)))
-    return next((c / SAMPLES_FILENAME for c in candidates if (c / SAMPLES_FILENAME).is_file()), None)
+    run_dir = _run_dir(row, results_dir, study_name, marker=SAMPLES_FILENAME)
+    return run_dir / SAMPLES_FILENAME if run_dir is not None else None
 
 
 def load_samples(

@@ -28,7 +28,6 @@ from typing import Any, cast
 from lora_sweep import adapters
 from lora_sweep.config import RunConfig
 from lora_sweep.errors import InputError
-from lora_sweep.model import resolve_model_dir
 from lora_sweep.sweep.context import ATTR_JOB_RESULT
 from lora_sweep.sweep.runner import app_command, launch_prefix
 
@@ -156,6 +155,8 @@ def merge_adapter(cfg: RunConfig, adapter: Path, out: Path) -> None:
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from transformers.utils import logging as hf_logging
 
+    from lora_sweep.model import resolve_model_dir
+
     hf_logging.disable_progress_bar()  # one line of output, not a bar per load and save
     model_dir = resolve_model_dir(cfg.model)
     base = AutoModelForCausalLM.from_pretrained(
@@ -180,6 +181,8 @@ def _load_config(path: Path) -> RunConfig:
 
 def _facts(study: Any, trial: Any, cfg: RunConfig, adapter: Path, out: Path, *, merged: bool) -> dict[str, Any]:
     """What the card and the manifest say about the trial."""
+    from lora_sweep.model import resolve_model_dir  # imports torch: not for every reader of best.py
+
     adapter_config = json.loads((adapter / "adapter_config.json").read_text())
     flat = cfg.flat_values()
     return {

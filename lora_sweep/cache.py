@@ -24,6 +24,7 @@ from torch import nn
 from lora_sweep import data as data_lib
 from lora_sweep.chat import load_conversations, tokenize_conversations
 from lora_sweep.config import DataConfig, ModelConfig
+from lora_sweep.datafiles import check_data_file
 from lora_sweep.evaluate import EvalResult
 from lora_sweep.lora import restore_base_weights
 from lora_sweep.model import attn_implementation_for, load_model, load_tokenizer
@@ -61,6 +62,12 @@ def fingerprint(path: Path) -> tuple:
     return (str(path),) + tuple((p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in files)
 
 
+def examples_key(records_key: tuple, tokenizer_key: tuple, cfg: DataConfig, max_length: int) -> tuple:
+    """What identifies records as tokenized: the file, the tokenizer, and every data setting
+    that changes the tokens or labels (`TrialCache.examples` caches by it, a base evaluation too)."""
+    return (records_key, tokenizer_key, cfg.template, max_length, cfg.mask_prompt, cfg.train_on)
+
+
 class TrialCache:
     """The cross-trial cache of one process; a fresh one starts every trial cold."""
 
@@ -80,7 +87,7 @@ class TrialCache:
     def records(self, path: Path, *, chat: bool = False) -> tuple[tuple, list[Any]]:
         """(key, records) of a data file: instruction records, or conversations with `chat`;
         raises `DataError` on a bad file."""
-        data_lib.check_data_file(path)  # before fingerprint() stats it
+        check_data_file(path)  # before fingerprint() stats it
         key = (*fingerprint(path), "chat" if chat else "instruction")
         if key not in self._records:
             while len(self._records) >= MAX_FILES:
@@ -112,7 +119,7 @@ class TrialCache:
         by default `cfg.max_length`; `length_key` names that setting and `model` the checkpoint
         in messages)."""
         max_length = cfg.max_length if max_length is None else max_length
-        key = (records_key, tokenizer_key, cfg.template, max_length, cfg.mask_prompt, cfg.train_on)
+        key = examples_key(records_key, tokenizer_key, cfg, max_length)
         if key in self._examples:
             self._examples.move_to_end(key)
             return self._examples[key]

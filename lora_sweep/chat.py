@@ -32,7 +32,7 @@ import torch
 
 from lora_sweep.data import IGNORE_INDEX, Example
 from lora_sweep.datafiles import read_records
-from lora_sweep.errors import DataError
+from lora_sweep.errors import DataError, first_line
 
 log = logging.getLogger(__name__)
 
@@ -138,12 +138,17 @@ def check_chat_tokenizer(tokenizer: Any, *, model: str) -> None:
         )
 
 
-def _render(tokenizer: Any, messages: Sequence[Mapping[str, str]], *, where: str, prompt: bool = False) -> str:
+def _apply_template(tokenizer: Any, messages: Sequence[Mapping[str, str]], *, where: str, **options: Any) -> Any:
+    """`tokenizer.apply_chat_template` whose failures are one `DataError` naming `where`."""
     try:
-        return tokenizer.apply_chat_template(list(messages), tokenize=False, add_generation_prompt=prompt)
+        return tokenizer.apply_chat_template(list(messages), **options)
     except Exception as err:  # noqa: BLE001 - jinja's raise_exception and template bugs alike
-        first = (str(err).strip().splitlines() or [type(err).__name__])[0]
-        raise DataError(f"the chat template refused {where}: {first}") from err
+        raise DataError(f"the chat template refused {where}: {first_line(err)}") from err
+
+
+def render(tokenizer: Any, messages: Sequence[Mapping[str, str]], *, where: str, prompt: bool = False) -> str:
+    """The conversation as the template writes it (`prompt`: followed by the generation prompt)."""
+    return _apply_template(tokenizer, messages, where=where, tokenize=False, add_generation_prompt=prompt)
 
 
 def assistant_spans(tokenizer: Any, messages: Sequence[Mapping[str, str]], *, where: str) -> tuple[str, list[range]]:
@@ -152,13 +157,13 @@ def assistant_spans(tokenizer: Any, messages: Sequence[Mapping[str, str]], *, wh
     Raises `DataError` when the template does not render the conversation prefix by prefix
     (the ranges would not be exact).
     """
-    text = _render(tokenizer, messages, where=where)
+    text = render(tokenizer, messages, where=where)
     spans: list[range] = []
     for i, message in enumerate(messages):
         if message["role"] != "assistant":
             continue
-        before = _render(tokenizer, messages[:i], where=where, prompt=True)
-        through = _render(tokenizer, messages[: i + 1], where=where)
+        before = render(tokenizer, messages[:i], where=where, prompt=True)
+        through = render(tokenizer, messages[: i + 1], where=where)
         exact = text.startswith(through) and through.startswith(before) and (not spans or len(before) >= spans[-1].stop)
         if not exact or message["content"].strip() not in through[len(before) :]:
             raise DataError(
@@ -186,13 +191,9 @@ def encode_conversation(
     """(token ids, assistant flag per token) of one conversation; the flags are None only when
     `need_flags` is False and the template cannot give exact ones."""
     if has_generation_tags(tokenizer):
-        try:
-            out = tokenizer.apply_chat_template(
-                list(messages), tokenize=True, return_dict=True, return_assistant_tokens_mask=True
-            )
-        except Exception as err:  # noqa: BLE001 - as in _render
-            first = (str(err).strip().splitlines() or [type(err).__name__])[0]
-            raise DataError(f"the chat template refused {where}: {first}") from err
+        out = _apply_template(
+            tokenizer, messages, where=where, tokenize=True, return_dict=True, return_assistant_tokens_mask=True
+        )
         ids, flags = list(out["input_ids"]), [bool(m) for m in out["assistant_masks"]]
         if not any(flags):
             raise DataError(
@@ -205,7 +206,7 @@ def encode_conversation(
     except DataError:
         if need_flags:
             raise
-        return tokenizer(_render(tokenizer, messages, where=where), add_special_tokens=False)["input_ids"], None
+        return tokenizer(render(tokenizer, messages, where=where), add_special_tokens=False)["input_ids"], None
     encoded = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
     return list(encoded["input_ids"]), _flags(encoded["offset_mapping"], spans)
 

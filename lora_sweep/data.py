@@ -17,7 +17,6 @@ from typing import Any
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from lora_sweep.datafiles import check_data_file as check_data_file  # re-exported: callers check before they stat
 from lora_sweep.datafiles import read_records
 from lora_sweep.errors import DataError
 
@@ -106,6 +105,11 @@ def added_prefix(tokenizer: Any) -> list[int]:
     return []
 
 
+def prompt_token_ids(record: Mapping[str, str], tokenizer: Any, *, template: str, prefix: list[int]) -> list[int]:
+    """The prompt's tokens as training sees them: `prefix` (`added_prefix`), then the template."""
+    return prefix + tokenizer(format_prompt(record, template), add_special_tokens=False)["input_ids"]
+
+
 def tokenize_records(
     records: Sequence[Mapping[str, str]],
     tokenizer: Any,
@@ -129,7 +133,7 @@ def tokenize_records(
     bos = added_prefix(tokenizer)
     examples, dropped = [], 0
     for record in records:
-        prompt_ids = bos + tokenizer(format_prompt(record, template), add_special_tokens=False)["input_ids"]
+        prompt_ids = prompt_token_ids(record, tokenizer, template=template, prefix=bos)
         response_ids = tokenizer(record["output"], add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
         input_ids = (prompt_ids + response_ids)[:max_length]
         prompt_labels = [IGNORE_INDEX] * len(prompt_ids) if mask_prompt else prompt_ids

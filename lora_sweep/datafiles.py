@@ -23,7 +23,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from lora_sweep.errors import DataError
+from lora_sweep.errors import DataError, first_line
 
 ACCEPTED = "a readable JSON, JSONL or Parquet file, or a directory written by datasets' save_to_disk"
 PARQUET_MAGIC = b"PAR1"  # the first (and last) four bytes of every Parquet file
@@ -114,7 +114,7 @@ def _read_parquet(path: Path) -> list[Any]:
         table = pq.read_table(path)
     except (OSError, pa.ArrowException) as err:  # pyarrow's ArrowInvalid is also a ValueError
         raise DataError(
-            f"{path} is not a readable Parquet file ({_first_line(err)}); write it again, or set data.path "
+            f"{path} is not a readable Parquet file ({first_line(err).rstrip('.')}); write it again, or set data.path "
             "to a JSON or JSONL file"
         ) from err
     return table.to_pylist()
@@ -148,7 +148,8 @@ def _read_saved_dataset(path: Path) -> list[Any]:
         loaded = datasets.load_from_disk(str(path))
     except (OSError, ValueError, KeyError, TypeError, pa.ArrowException) as err:
         raise DataError(
-            f"cannot read the saved dataset {path}: {_first_line(err)} (write it again with Dataset.save_to_disk)"
+            f"cannot read the saved dataset {path}: {first_line(err).rstrip('.')} "
+            "(write it again with Dataset.save_to_disk)"
         ) from err
     return loaded.to_list()
 
@@ -159,14 +160,9 @@ def _saved_json(path: Path) -> dict[str, Any]:
         data = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError) as err:
         raise DataError(
-            f"cannot read the saved dataset's {path.name} in {path.parent}: {_first_line(err)} "
+            f"cannot read the saved dataset's {path.name} in {path.parent}: {first_line(err).rstrip('.')} "
             "(write it again with Dataset.save_to_disk)"
         ) from err
     if not isinstance(data, dict):
         raise DataError(f"{path} must hold a JSON object (write the dataset again with Dataset.save_to_disk)")
     return data
-
-
-def _first_line(err: BaseException) -> str:
-    text = str(err).strip()
-    return text.splitlines()[0].rstrip(".") if text else type(err).__name__

@@ -36,6 +36,13 @@ INPUT_ERRORS: tuple[type[InputError], ...] = (ConfigError, DataError, ModelError
 """Every kind of bad input: what the CLI and the job refuse without writing a row."""
 
 
+def first_line(err: BaseException) -> str:
+    """The first line of a library's error message (its type name when it has none): the cause
+    quoted inside one of our own one-line messages."""
+    text = str(err).strip()
+    return text.splitlines()[0] if text else type(err).__name__
+
+
 def error_line(err: BaseException) -> str:
     """Fold a (possibly multi-line) Hydra or validation error into one readable line."""
     parts: list[str] = []

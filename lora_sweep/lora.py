@@ -172,13 +172,6 @@ def _no_match(model: nn.Module, settings: LoraSettings) -> LoraTargetError:
     )
 
 
-# lora.init -> peft's init_lora_weights (True: A Kaiming-uniform, B zero)
-_INIT_LORA_WEIGHTS: dict[str, bool | str] = {
-    "default": True,
-    "gaussian": "gaussian",
-    "pissa": "pissa",
-    "olora": "olora",
-}
 MOVES_BASE_WEIGHTS = ("pissa", "olora")
 """Inits that move part of each targeted weight into the adapter (W becomes W - B A)."""
 
@@ -196,7 +189,8 @@ def _peft_config(model: nn.Module, settings: LoraSettings, *, r: int, plain: boo
         fan_in_fan_out=_conv1d_only(model),
         use_rslora=settings.use_rslora,
         use_dora=settings.use_dora and not plain,
-        init_lora_weights=cast(Any, True if plain else _INIT_LORA_WEIGHTS[settings.init]),  # peft: a Literal
+        # lora.init is peft's init_lora_weights by name, except default (True: A Kaiming-uniform, B zero)
+        init_lora_weights=cast(Any, True if plain or settings.init == "default" else settings.init),  # a Literal
         bias="none",
         task_type="CAUSAL_LM",
     )

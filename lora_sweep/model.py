@@ -20,7 +20,7 @@ from torch import nn
 
 from lora_sweep.config import ModelConfig
 from lora_sweep.embedded import TINY_LLAMA_DIR
-from lora_sweep.errors import ConfigError, ModelError
+from lora_sweep.errors import ConfigError, ModelError, first_line
 
 log = logging.getLogger(__name__)
 
@@ -62,7 +62,7 @@ def load_tokenizer(model_dir: Path, cfg: ModelConfig) -> Any:
             str(model_dir), local_files_only=True, trust_remote_code=cfg.trust_remote_code
         )
     except (OSError, ValueError) as err:
-        raise ModelError(f"cannot load a tokenizer from {model_dir}: {_first_line(err)}") from err
+        raise ModelError(f"cannot load a tokenizer from {model_dir}: {first_line(err)}") from err
     if tokenizer.pad_token_id is None:
         if tokenizer.eos_token_id is None:
             raise ModelError(
@@ -83,7 +83,7 @@ def load_model_config(model_dir: Path, cfg: ModelConfig) -> Any:
             str(model_dir), local_files_only=True, trust_remote_code=cfg.trust_remote_code
         )
     except (OSError, ValueError, KeyError) as err:
-        raise ModelError(f"cannot read the model config in {model_dir}: {_first_line(err)}") from err
+        raise ModelError(f"cannot read the model config in {model_dir}: {first_line(err)}") from err
 
 
 def model_skeleton(config: Any, cfg: ModelConfig) -> nn.Module:
@@ -95,7 +95,7 @@ def model_skeleton(config: Any, cfg: ModelConfig) -> nn.Module:
         with torch.device("meta"):
             return AutoModelForCausalLM.from_config(config, trust_remote_code=cfg.trust_remote_code)
     except (OSError, ValueError, KeyError) as err:
-        raise ModelError(f"cannot build a causal LM from the config of {cfg.path}: {_first_line(err)}") from err
+        raise ModelError(f"cannot build a causal LM from the config of {cfg.path}: {first_line(err)}") from err
 
 
 # Where configs keep their longest sequence: most models, then GPT-2 style ones.
@@ -190,7 +190,7 @@ def load_model(model_dir: Path, cfg: ModelConfig, device: torch.device) -> nn.Mo
             trust_remote_code=cfg.trust_remote_code,
         )
     except (OSError, ValueError, KeyError) as err:
-        raise ModelError(f"cannot load a causal LM from {model_dir}: {_first_line(err)}") from err
+        raise ModelError(f"cannot load a causal LM from {model_dir}: {first_line(err)}") from err
     loaded = model.config._attn_implementation
     if loaded != expected:  # the cache keys this model by `expected`
         raise ModelError(
@@ -376,11 +376,6 @@ def verify_kv_expansion(model: nn.Module) -> str:
 def _text_config(config: Any) -> Any:
     """The decoder's config: a composite model's `text_config`, else the config itself."""
     return config.get_text_config(decoder=True) if hasattr(config, "get_text_config") else config
-
-
-def _first_line(err: BaseException) -> str:
-    text = str(err).strip()
-    return text.splitlines()[0] if text else type(err).__name__
 
 
 def offline_hub() -> None:

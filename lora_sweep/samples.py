@@ -107,16 +107,17 @@ def _content_rank(record: Mapping[str, Any]) -> str:
 def _chat_prompt(record: Mapping[str, Any], tokenizer: Any) -> tuple[str, list[int], str]:
     messages = list(record["messages"])
     last = max(i for i, m in enumerate(messages) if m["role"] == "assistant")
+    from lora_sweep.chat import describe, render
+
     # the template writes its own special tokens (BOS): tokenized without added ones, as in training
-    text = tokenizer.apply_chat_template(messages[:last], tokenize=False, add_generation_prompt=True)
+    text = render(tokenizer, messages[:last], where=describe(messages), prompt=True)
     return text, tokenizer(text, add_special_tokens=False)["input_ids"], messages[last]["content"]
 
 
 def _instruction_prompt(record: Mapping[str, str], tokenizer: Any, template: str) -> tuple[str, list[int], str]:
     from lora_sweep import data as data_lib
 
-    prefix = data_lib.added_prefix(tokenizer)
-    ids = prefix + tokenizer(data_lib.format_prompt(record, template), add_special_tokens=False)["input_ids"]
+    ids = data_lib.prompt_token_ids(record, tokenizer, template=template, prefix=data_lib.added_prefix(tokenizer))
     return tokenizer.decode(ids), ids, record["output"]
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import math
 import time
@@ -126,24 +127,21 @@ def accumulate_gradients(
 def make_optimizer(model: nn.Module, params: list[torch.nn.Parameter], cfg: TrainConfig) -> torch.optim.Optimizer:
     """AdamW over the trainable parameters; with `train.loraplus_lr_ratio` != 1, peft's LoRA+
     optimizer (the B matrices at lr x ratio; the schedule scales every group alike)."""
+    build: Callable[..., torch.optim.Optimizer]
     if cfg.loraplus_lr_ratio != 1.0:
         from peft.optimizers import create_loraplus_optimizer
 
-        def build(**kernel: bool) -> torch.optim.Optimizer:
-            return create_loraplus_optimizer(
-                cast(Any, model),  # a peft model
-                torch.optim.AdamW,
-                lr=cfg.lr,
-                loraplus_lr_ratio=cfg.loraplus_lr_ratio,
-                weight_decay=cfg.weight_decay,
-                loraplus_weight_decay=cfg.weight_decay,
-                **kernel,
-            )
+        build = functools.partial(
+            create_loraplus_optimizer,
+            cast(Any, model),  # a peft model
+            torch.optim.AdamW,
+            lr=cfg.lr,
+            loraplus_lr_ratio=cfg.loraplus_lr_ratio,
+            weight_decay=cfg.weight_decay,
+            loraplus_weight_decay=cfg.weight_decay,
+        )
     else:
-
-        def build(**kernel: bool) -> torch.optim.Optimizer:
-            return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, **cast(Any, kernel))
-
+        build = functools.partial(torch.optim.AdamW, params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     try:  # fused: one kernel for all LoRA tensors (measured 3x faster than foreach on 2 CPU threads)
         return build(fused=True)
     except (RuntimeError, ValueError):  # a device or dtype without the fused kernel

@@ -23,7 +23,7 @@ import torch
 
 from lora_sweep import data as data_lib
 from lora_sweep.adapters import save_adapter
-from lora_sweep.cache import CachedModel, TrialCache
+from lora_sweep.cache import CachedModel, TrialCache, examples_key
 from lora_sweep.chat import assistant_mask_batch, check_assistant_labels, check_conversations
 from lora_sweep.config import RunConfig
 from lora_sweep.embedded import SANITY_CHAT_PATH, SANITY_SAMPLES_PATH
@@ -322,9 +322,10 @@ def prepare(cfg: RunConfig, cache: TrialCache) -> Prepared:
     model, restore = None, {}
     try:  # whatever fails from here on, the base model goes back to the cache without the adapter
         check_max_length(cfg.data.max_length, entry.model.config)  # a searched max_length
+        eval_length = eval_max_length(cfg, entry.model.config)
         samples = None
         if cfg.train.sample_prompts:  # the base model answers before an adapter changes it (PiSSA, OLoRA)
-            prompt_tokens = eval_max_length(cfg, entry.model.config) - cfg.train.sample_max_new_tokens
+            prompt_tokens = eval_length - cfg.train.sample_max_new_tokens
             samples = prepare_samples(
                 cfg, val_records, tokenizer, entry, device=device, max_prompt_tokens=max(1, prompt_tokens)
             )
@@ -332,7 +333,6 @@ def prepare(cfg: RunConfig, cache: TrialCache) -> Prepared:
         restore = base_weights_to_restore(entry.model, cfg.lora)  # PiSSA / OLoRA change W
         model = apply_lora(entry.model, cfg.lora)
         trainable, _ = count_parameters(model)
-        eval_length = eval_max_length(cfg, entry.model.config)
         val_examples = cache.examples(
             val_key,
             val_records,
@@ -364,7 +364,7 @@ def prepare(cfg: RunConfig, cache: TrialCache) -> Prepared:
                 tokenizer.pad_token_id,
                 tokens_per_batch=EVAL_TOKENS_PER_BATCH.get(device.type, EVAL_TOKENS_PER_BATCH["cuda"]),
             ),
-            eval_key=(val_key, tok_key, cfg.data.template, eval_length, cfg.data.mask_prompt, cfg.data.train_on),
+            eval_key=examples_key(val_key, tok_key, cfg.data, eval_length),
             probe_assistant=probe_assistant,
             restore=restore,
             cache_hit=hit,

@@ -145,5 +145,16 @@ def test_the_sweeper_imports_nothing_of_the_app() -> None:
     assert not offending, "; ".join(offending)
 
 
+def test_notebook_side_modules_import_without_torch() -> None:
+    """A notebook reading results (`analysis`, which reads samples too) and the sweeper's hooks
+    module need no torch: importing it costs ~0.7 s, and the dashboard machine may lack it."""
+    import subprocess
+    import sys
+
+    code = "import sys, lora_sweep.analysis, lora_sweep.sweep_hooks; print('torch' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "False"
+
+
 def _in_sweep(module: str) -> bool:
     return module == "lora_sweep.sweep" or module.startswith("lora_sweep.sweep.")
