@@ -21,7 +21,7 @@ from typing import Any, NoReturn
 from lora_sweep.errors import ConfigError
 
 ATTN_IMPLEMENTATIONS = ("auto", "sdpa", "eager")
-DTYPES = ("float32", "bfloat16", "float16")
+DTYPES = ("float32", "bfloat16")  # float16 base weights: refused, see `FP16_REFUSED`
 TEMPLATES = ("alpaca", "plain", "chat")
 TRAIN_ON = ("assistant", "all")
 PADDINGS = ("longest", "max_length")
@@ -31,6 +31,12 @@ PRUNE_ON = ("eval", "objective")
 SAVE_ADAPTER = ("best_k", "all", "none")
 LORA_INITS = ("default", "gaussian", "pissa", "olora")
 MIN_MAX_LENGTH = 8
+# Training on fp16 base weights needs a gradient scaler (fp16's range underflows small
+# gradients and overflows large activations); the loop uses none, bf16 has fp32's range.
+FP16_REFUSED = (
+    "model.dtype=float16 cannot be trained here (fp16 needs a gradient scaler, which this trainer does not use): "
+    "use model.dtype=bfloat16, or model.dtype=float32 with train.precision=bf16"
+)
 
 
 def _fail(key: str, expected: str, value: Any, example: str) -> NoReturn:
@@ -92,6 +98,8 @@ class ModelConfig:
     def __post_init__(self) -> None:
         _check_optional_path("model.path", self.path)
         _check_choice("model.attn_implementation", self.attn_implementation, ATTN_IMPLEMENTATIONS)
+        if self.dtype == "float16":
+            raise ConfigError(FP16_REFUSED)
         _check_choice("model.dtype", self.dtype, DTYPES)
         _check_bool("model.trust_remote_code", self.trust_remote_code)
         _check_bool("model.self_check", self.self_check)

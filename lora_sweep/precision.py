@@ -35,21 +35,48 @@ def cpu_supports_bf16() -> bool:
         return False
 
 
-def resolve_precision(precision: str, device: torch.device, model: nn.Module) -> str:
-    """`fp32` or `bf16` (autocast; master weights and optimizer state stay in their dtype).
+def choose_precision(
+    precision: str, *, device_type: str, cuda_bf16: bool = False, cpu_bf16: bool = False, n_params: int = 0
+) -> str:
+    """The decision of `resolve_precision`, from the device's capabilities (pure).
 
-    `auto`: bf16 on a CUDA device that supports it; on the CPU only with native bf16 matmuls
-    and a model large enough for them to pay (tiny models lose to per-op cast overhead).
-    Deterministic per config and machine, so a sweep's trials are comparable.
+    `auto`: bf16 on a CUDA device that supports it (`cuda_bf16`: Ampere and newer); on the CPU
+    only with native bf16 matmuls (`cpu_bf16`) and a model of at least `BF16_CPU_MIN_PARAMS`
+    parameters (tiny models lose to per-op cast overhead); else fp32. `fp32`/`bf16` as given.
     """
     if precision != "auto":
         return precision
-    if device.type == "cuda":
-        return "bf16" if torch.cuda.is_bf16_supported() else "fp32"
-    if device.type == "cpu" and cpu_supports_bf16():
-        n_params = sum(p.numel() for p in model.parameters())
+    if device_type == "cuda":
+        return "bf16" if cuda_bf16 else "fp32"
+    if device_type == "cpu" and cpu_bf16:
         return "bf16" if n_params >= BF16_CPU_MIN_PARAMS else "fp32"
     return "fp32"
+
+
+def resolve_precision(precision: str, device: torch.device, model: nn.Module) -> str:
+    """`fp32` or `bf16` (autocast; master weights and optimizer state stay in their dtype), as
+    `choose_precision` decides for this device and model. Deterministic per config and
+    machine, so a sweep's trials are comparable."""
+    if precision != "auto":
+        return precision
+    return choose_precision(
+        precision,
+        device_type=device.type,
+        cuda_bf16=device.type == "cuda" and bool(torch.cuda.is_bf16_supported()),
+        cpu_bf16=device.type == "cpu" and cpu_supports_bf16(),
+        n_params=sum(p.numel() for p in model.parameters()),
+    )
+
+
+def allow_tf32(device: torch.device) -> bool:
+    """On CUDA, let fp32 matmuls and convolutions run on TF32 tensor cores (Ampere and newer;
+    ~10 bits of mantissa in the products, fp32 accumulation): what is left in fp32 under bf16
+    autocast, and all of an fp32 trial. Returns whether it was set (never on the CPU)."""
+    if device.type != "cuda":
+        return False
+    torch.backends.cuda.matmul.allow_tf32 = True
+    torch.backends.cudnn.allow_tf32 = True
+    return True
 
 
 def sdpa_fp32_attention_forward(

@@ -41,12 +41,12 @@ from lora_sweep.model import (
     resolve_device,
     resolve_model_dir,
 )
-from lora_sweep.precision import resolve_precision
+from lora_sweep.precision import allow_tf32, resolve_precision
 from lora_sweep.results import COLUMN_DOCS, ResultsError, check_appendable, write_json, write_step_log
 from lora_sweep.samples import SAMPLES_FILENAME, SamplePrompts, prepare_samples, write_samples
 from lora_sweep.selfcheck import MODEL_LEVEL_CHECKS, FirstStepCheck, SelfCheckError, run_self_check
 from lora_sweep.split import split_records
-from lora_sweep.sweep.objective import failure_reason, is_out_of_memory
+from lora_sweep.sweep.objective import OOM_PREFIX, failure_reason, is_out_of_memory
 from lora_sweep.train import EVAL_LOG_COLUMNS, LoopResult, StepHook, train_loop
 
 if TYPE_CHECKING:
@@ -371,19 +371,27 @@ def prepare(cfg: RunConfig, cache: TrialCache) -> Prepared:
             samples=samples,
         )
     except BaseException:
-        cache.give_back(entry, adapted=model, restore=restore)
+        cache.end_trial(entry, adapted=model, restore=restore)
         raise
 
 
 @contextlib.contextmanager
 def prepared_trial(cfg: RunConfig, cache: TrialCache) -> Iterator[Prepared]:
-    """`prepare`, and give the base model back to `cache` afterwards without the trial's
-    adapter, optimizer state or gradients (also on error)."""
+    """`prepare`, and end the trial afterwards through `TrialCache.end_trial` (also on error):
+    the base model back without the trial's adapter, optimizer state or gradients, and the
+    memory freed."""
     prepared = prepare(cfg, cache)
     try:
         yield prepared
     finally:
-        cache.give_back(prepared.cached, adapted=prepared.model, restore=prepared.restore)
+        cache.end_trial(prepared.cached, adapted=prepared.model, restore=prepared.restore)
+
+
+def oom_reason(err: BaseException, cfg: RunConfig) -> str:
+    """``out of memory (train.batch_size=B x data.max_length=L): <the error's first line>``."""
+    shape = f"train.batch_size={cfg.train.batch_size} x data.max_length={cfg.data.max_length}"
+    detail = failure_reason(err).removeprefix(OOM_PREFIX).lstrip(": ")
+    return f"{OOM_PREFIX} ({shape}): {detail}"[:2000]
 
 
 def _status(loop: LoopResult, metrics: Mapping[str, Any]) -> tuple[str, str]:
@@ -408,32 +416,25 @@ def run_trial(
 
     `cache` holds what earlier trials of this process loaded (None: a fresh one, a cold start).
     Raises one of `INPUT_ERRORS` on bad input (nothing written); every later problem becomes
-    a `failed` result. After an out-of-memory error the cache releases the memory it can.
+    a `failed` result (an out-of-memory error: reason `out of memory: ... (batch B x L tokens)`).
+    Every trial ends with `TrialCache.end_trial`, which releases the memory it can.
     """
     cache = cache if cache is not None else TrialCache()
     start = time.perf_counter()
     run_dir = Path(run_dir).absolute()
     result = TrialResult(status="failed", reason="", run_id=run_dir.name, run_dir=run_dir)
     peak_was_reset = reset_peak_memory(resolve_device(cfg.train.device))
-    out_of_memory = False
-    try:
-        with prepared_trial(cfg, cache) as prepared:
-            out_of_memory = _run_prepared(
-                cfg,
-                prepared,
-                result,
-                run_dir,
-                on_step=on_step,
-                config_yaml=config_yaml,
-                start=start,
-                peak_was_reset=peak_was_reset,
-            )
-    except Exception as err:
-        out_of_memory = is_out_of_memory(err)
-        raise
-    finally:
-        if out_of_memory:
-            cache.release()  # after the adapter went back: the next trial starts from what this frees
+    with prepared_trial(cfg, cache) as prepared:  # its exit releases the memory (`end_trial`)
+        _run_prepared(
+            cfg,
+            prepared,
+            result,
+            run_dir,
+            on_step=on_step,
+            config_yaml=config_yaml,
+            start=start,
+            peak_was_reset=peak_was_reset,
+        )
     return result
 
 
@@ -453,6 +454,7 @@ def _run_prepared(
     result.adapted_modules = prepared.adapted_modules
     result.cache_hit = prepared.cache_hit
     precision = resolve_precision(cfg.train.precision, prepared.device, prepared.model)
+    allow_tf32(prepared.device)
     result.precision = precision
     # what model.attn_implementation resolved to (`auto`: SDPA where the model has it)
     result.attn_implementation = str(cast(Any, prepared.model.get_base_model()).config._attn_implementation)
@@ -530,6 +532,8 @@ def _run_prepared(
     except Exception as err:  # noqa: BLE001 - a trial reports failure instead of crashing the sweep
         out_of_memory = is_out_of_memory(err)
         result.status, result.reason = "failed", failure_reason(err)
+        if out_of_memory:  # which shape did not fit: what to lower (or accumulate) next time
+            result.reason = oom_reason(err, cfg)
         log.error("trial failed: %s", result.reason)
     if result.status == "success" and prepared.samples is not None:
         try:  # the trained adapter is still attached (the base model answered in `prepare`)

@@ -185,6 +185,12 @@ BATTERY = [
     ("model-not-ckpt", ["model=local", "model.path={tmp}/not_a_checkpoint"], "is not a Hugging Face checkpoint"),
     ("rank-zero", ["lora.r=0"], "lora.r must be an integer >= 1"),
     ("negative-lr", ["train.lr=-1"], "train.lr must be a number > 0"),
+    (
+        "fp16-base-weights",
+        ["model.dtype=float16"],
+        "model.dtype=float16 cannot be trained here (fp16 needs a gradient scaler, which this trainer does not use): "
+        "use model.dtype=bfloat16, or model.dtype=float32 with train.precision=bf16",
+    ),
     ("inverted-interval", ["train.lr=interval(1e-2, 1e-4)"], "interval needs low < high"),
     ("empty-range", ["lora.r=range(8, 4)"], "is empty"),
     ("bad-override", ["lora.r=choice(4,"], "bad override"),
@@ -198,6 +204,11 @@ BATTERY = [
     ("readonly-results-dir", ["READONLY"], "is not writable"),
     ("foreign-csv-header", ["FOREIGN_CSV"], "has a different header"),
     ("direction-mismatch", ["hydra.sweeper.objective=final_loss"], "has directions ['maximize']"),
+    (
+        "changed-choices",
+        ["lora.r=choice(2,3)"],
+        "ran lora.r as choice(4, 8, 16, 32), but this sweep asks for choice(2, 3); resume with the same choices",
+    ),
     ("unknown-objective", ["hydra.sweeper.objective=bogus"], "'bogus' is not an objective this app reports; valid:"),
 ]
 

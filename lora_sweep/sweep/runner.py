@@ -10,6 +10,10 @@
   barrier). Threads: ``OMP_NUM_THREADS = cores // n_jobs`` for the spawned workers and
   ``torch.set_num_threads`` (if torch is loaded) plus the same env var in worker 0. Finished
   trials end between ``n_trials`` and ``n_trials + n_jobs - 1`` (a check-then-ask race).
+  GPUs (:mod:`lora_sweep.sweep.placement`): ``auto`` on a machine with K visible GPUs starts
+  K workers, one per GPU; N workers take the GPUs round-robin. Each spawned worker gets
+  ``CUDA_VISIBLE_DEVICES=<its GPU>``; worker 0 sets its own before its first job (and puts the
+  old value back when the sweep ends).
 * any other launcher (joblib, submitit, ...): ``n_jobs`` is the batch size of each
   ``launcher.launch`` call (Hydra's launcher API waits for the whole batch).
 
@@ -56,14 +60,30 @@ from lora_sweep.sweep.objective import (
     outcome_from_return,
     parse_objective,
 )
-from lora_sweep.sweep.samplers import SamplerConfigError, build_pruner, build_sampler, grid_size, is_grid, pruner_config
+from lora_sweep.sweep.placement import (
+    CUDA_VISIBLE_DEVICES,
+    Placement,
+    parse_n_jobs,
+    pin_this_process,
+    plan_placement,
+    visible_gpus,
+    worker_env,
+)
+from lora_sweep.sweep.samplers import (
+    SamplerConfigError,
+    build_pruner,
+    build_sampler,
+    grid_size,
+    is_grid,
+    pruner_config,
+    sampler_seed,
+)
 from lora_sweep.sweep.space import SearchSpace, SearchSpaceError, format_value, parse_search_space, to_overrides
 
 log = logging.getLogger(__name__)
 DEFAULT_SUBDIR = "${hydra.job.num}"
 BASIC_LAUNCHER_LOGGER = "hydra._internal.core_plugins.basic_launcher"
 _VALUE_FLAGS = {"-cp", "-cn", "-cd", "--config-path", "--config-name", "--config-dir"}
-_SEED_STRIDE = 100_003
 # Exit codes of a sweep: bad settings or input (one line, nothing written), too many failed
 # trials, and Ctrl-C (128 + SIGINT, the shell's convention).
 EXIT_USER_ERROR = 2
@@ -210,29 +230,28 @@ def _cache_job_configs(launcher: Any) -> None:
     )
 
 
-def resolve_n_jobs(value: Any, *, is_basic: bool, cores: int | None = None, cuda: bool | None = None) -> int:
+def resolve_n_jobs(
+    value: Any, *, is_basic: bool, cores: int | None = None, cuda: bool | None = None, gpus: int | None = None
+) -> int:
     """Trials in flight for a ``hydra.sweeper.n_jobs`` setting: a positive int, or ``auto``.
 
     ``auto``: with the in-process (basic) launcher on a machine without a CUDA device, one
     worker process per core with one thread each (measured on 2 cores: more trials per hour than
-    one worker with all threads, see BENCHMARKS.md); with a GPU, or another launcher, 1.
+    one worker with all threads, see BENCHMARKS.md); with K GPUs (`gpus`; `cuda` True: one; by
+    default counted without initialising CUDA, `placement.visible_gpus`) K, one per GPU; with
+    another launcher, 1.
     """
-    if isinstance(value, str) and value.strip().lower() == "auto":
-        if not is_basic:
-            return 1
-        if cuda is None:
-            torch = sys.modules.get("torch")
-            cuda = bool(torch is not None and torch.cuda.is_available())
-        return 1 if cuda else max(1, cores if cores is not None else _cpu_count())
     try:
-        n = int(value)
-        if n != value and str(n) != str(value).strip():
-            raise ValueError
-    except (TypeError, ValueError):
-        n = 0
-    if n < 1:
-        raise SweepError(f"hydra.sweeper.n_jobs={value!r}: give a positive number of workers or 'auto'")
-    return n
+        n = parse_n_jobs(value)
+    except ValueError as exc:
+        raise SweepError(str(exc)) from exc
+    if n is not None:
+        return n
+    if not is_basic:
+        return 1
+    if gpus is None:
+        gpus = int(cuda) if cuda is not None else len(visible_gpus())
+    return gpus if gpus > 0 else max(1, cores if cores is not None else _cpu_count())
 
 
 def set_threads(threads: int) -> None:
@@ -444,17 +463,19 @@ class SweepRunner:
             raise
         except Exception as exc:  # noqa: BLE001 - driver, network, permission: one line, not a traceback
             raise SweepError(_storage_error(self.storage, exc)) from exc
+        study_mod.check_search_space(self.study, self.space.distributions)
         if self.worker_id == 0:
             stale = study_mod.recover_stale(self.study, finish=self._finish_recorded)
             if stale:
                 log.warning("Marked stale RUNNING trials %s FAIL and re-queued their params", stale)
-        base_seed = _setting(self.settings, "seed")
-        seed = None
-        if base_seed is not None:
-            seed = int(base_seed) + len(self.study.get_trials(deepcopy=False)) + self.worker_id * _SEED_STRIDE
-        self.study.sampler = build_sampler(
-            _setting(self.settings, "sampler"), seed=seed, distributions=self.space.distributions
+        sampler_cfg = _setting(self.settings, "sampler")
+        seed = sampler_seed(
+            sampler_cfg,
+            base_seed=_setting(self.settings, "seed"),
+            n_trials_so_far=len(self.study.get_trials(deepcopy=False)),
+            worker_id=self.worker_id,
         )
+        self.study.sampler = build_sampler(sampler_cfg, seed=seed, distributions=self.space.distributions)
         if self.worker_id == 0:
             self._annotate_study(pruner_cfg)
 
@@ -650,7 +671,8 @@ class SweepRunner:
                     self.console.note(f"trial {trial.number} was finished by another process; result not recorded")
 
     # ----------------------------------------------------------------- workers
-    def _spawn_workers(self, n_workers: int, threads: int) -> list[subprocess.Popen[bytes]]:
+    def _spawn_workers(self, placement: Placement, visible: Sequence[str]) -> list[subprocess.Popen[bytes]]:
+        """Start workers 1..n-1 of `placement`, each with its threads and GPU (`worker_env`)."""
         pinned = {
             "hydra.sweeper.worker_id": None,
             "hydra.sweeper.storage": self.storage,
@@ -660,13 +682,15 @@ class SweepRunner:
         prefix = launch_prefix(self.argv, python=sys.executable)
         keep = [a for a in self.argv[1:] if a.lstrip("+~").split("=", 1)[0] not in pinned]
         extra = [f"{k}={format_value(v)}" for k, v in pinned.items() if v is not None]
-        env = dict(os.environ, OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))
+        base = dict(os.environ)  # before worker 0 pins its own GPU
         procs = []
-        for i in range(1, n_workers):
+        for slot in placement.workers[1:]:
+            i = slot.worker_id
             cmd = [*prefix, *keep, *extra, f"hydra.sweeper.worker_id={i}"]
             if "-m" not in keep and "--multirun" not in keep:
                 cmd.append("-m")
-            log.debug("Starting worker %d: %s", i, shlex.join(cmd))
+            env = worker_env(slot, visible, base)
+            log.debug("Starting worker %d (GPU %s): %s", i, env.get("CUDA_VISIBLE_DEVICES", "-"), shlex.join(cmd))
             # its output comes through this process's console: whole lines, above the progress line
             proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
             assert proc.stdout is not None and proc.stderr is not None
@@ -692,7 +716,16 @@ class SweepRunner:
         return [proc.wait() for proc in procs]
 
     # ----------------------------------------------------------------- run
-    def _header(self, *, target: int, finished: int, n_jobs: int, threads: int) -> None:
+    def _header(
+        self,
+        *,
+        target: int,
+        finished: int,
+        n_jobs: int,
+        threads: int,
+        placement: Placement | None = None,
+        visible: Sequence[str] | None = None,
+    ) -> None:
         assert self.spec is not None
         dashboard = study_mod.dashboard_command(study_mod.redact(self.storage))
         dashboard += "".join(f" {shlex.quote(a)}" for a in self.hooks.dashboard_args(self._app_config()))
@@ -701,6 +734,8 @@ class SweepRunner:
             workers = ""
         elif not self.is_basic:
             workers = f"batches of {n_jobs} through {type(self.launcher).__name__}"
+        elif placement is not None:
+            workers = placement.describe(visible)
         elif n_jobs > 1:
             workers = f"{n_jobs} workers x {threads} thread{'s' if threads > 1 else ''}"
         else:
@@ -716,6 +751,8 @@ class SweepRunner:
         )
         for line in header:
             self.console.write(line)
+        if placement is not None and placement.note and finished < target:
+            self.console.note(placement.note)
 
     def run(self, arguments: Sequence[str]) -> SweepSummary:
         """Runs the sweep until the study has ``n_trials`` finished trials."""
@@ -726,14 +763,29 @@ class SweepRunner:
         self.open()
         assert self.spec is not None
         target = self._target()
-        n_jobs = resolve_n_jobs(_setting(self.settings, "n_jobs", 1), is_basic=self.is_basic)
         p = study_mod.progress(self.study)
-        if self.is_basic:  # no more workers than trials left to run
-            n_jobs = max(1, min(n_jobs, target - p.finished))
-        threads = max(1, _cpu_count() // n_jobs)
         leader = self.worker_id == 0
+        placement: Placement | None = None
+        visible: list[str] = []
+        if self.is_basic:  # workers, their GPUs and threads; no more workers than trials left to run
+            visible = visible_gpus() if leader else []  # a spawned worker sees its one GPU and spawns none
+            try:
+                placement = plan_placement(
+                    _setting(self.settings, "n_jobs", 1),
+                    gpus=len(visible),
+                    cores=_cpu_count(),
+                    max_workers=max(1, target - p.finished),
+                )
+            except ValueError as exc:
+                raise SweepError(str(exc)) from exc
+            n_jobs, threads = placement.n_workers, placement.threads
+        else:
+            n_jobs = resolve_n_jobs(_setting(self.settings, "n_jobs", 1), is_basic=False)
+            threads = max(1, _cpu_count() // n_jobs)
         if leader:
-            self._header(target=target, finished=p.finished, n_jobs=n_jobs, threads=threads)
+            self._header(
+                target=target, finished=p.finished, n_jobs=n_jobs, threads=threads, placement=placement, visible=visible
+            )
             requested = int(_setting(self.settings, "n_trials", 20))
             if target < requested:
                 self.console.note(f"the grid has {target} points: n_trials capped from {requested} to {target}")
@@ -750,14 +802,18 @@ class SweepRunner:
         if n_jobs > 1 and self.is_basic and leader:
             if self.storage.startswith("sqlite:///:memory:"):
                 raise SweepError("n_jobs > 1 needs a shared storage, not in-memory SQLite")
+            assert placement is not None
             set_threads(threads)
-            procs = self._spawn_workers(n_jobs, threads)
+            procs = self._spawn_workers(placement, visible)
             batch_size = 1
         elif n_jobs > 1 and not self.is_basic:
             set_threads(threads)
             batch_size = n_jobs
         else:
             batch_size = 1
+        visible_before = os.environ.get(CUDA_VISIBLE_DEVICES)  # put back at the end (an in-process caller sweeps again)
+        if placement is not None and leader and not pin_this_process(placement.slot(0), visible):
+            log.debug("CUDA was initialised before the sweep: worker 0 keeps its device (cuda:0, GPU 0 of the plan)")
         self._prime_job_configs()
         if leader:
             self.console.follow(
@@ -790,6 +846,10 @@ class SweepRunner:
                     self._check_failure_rate()
         finally:
             self.console.close()
+            if visible_before is None:
+                os.environ.pop(CUDA_VISIBLE_DEVICES, None)
+            else:
+                os.environ[CUDA_VISIBLE_DEVICES] = visible_before
         if leader:  # once, after every worker stopped
             self.hooks.on_sweep_end(self.study)
         summary = self.summary()

@@ -105,6 +105,25 @@ def is_grid(cfg: Any) -> bool:
     return _plain(cfg).get("_target_") == _GRID_TARGET
 
 
+SEED_STRIDE = 100_003
+"""Seed distance between workers: their seeds never collide for any realistic trial count."""
+
+
+def sampler_seed(cfg: Any, *, base_seed: int | None, n_trials_so_far: int, worker_id: int) -> int | None:
+    """The seed a worker's sampler gets: ``base_seed + trials so far + worker stride``.
+
+    The grid sampler is the exception: it shuffles its grid by its seed and records each
+    trial's point as an index into that order, so every worker and every resume must shuffle
+    alike (the base seed), or two workers' index 0 would name different points and the grid
+    would run some points twice and never others.
+    """
+    if base_seed is None:
+        return None
+    if is_grid(cfg):
+        return int(base_seed)
+    return int(base_seed) + n_trials_so_far + worker_id * SEED_STRIDE
+
+
 def build_sampler(cfg: Any, *, seed: int | None, distributions: Mapping[str, Any]) -> Any:
     """Instantiates the sampler config with ``seed`` (and the grid for the grid sampler)."""
     options = _plain(cfg) or {"_target_": "optuna.samplers.TPESampler"}

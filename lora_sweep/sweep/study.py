@@ -34,7 +34,7 @@ import math
 import os
 import socket
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal, cast
@@ -297,6 +297,38 @@ def open_study(
             f"for {list(directions)}; use another hydra.sweeper.study_name or storage"
         )
     return study
+
+
+def check_search_space(study: Any, distributions: Mapping[str, Any]) -> None:
+    """Refuses a resume whose parameter changed kind or choices since the study's trials ran.
+
+    Optuna rejects such a parameter only when the first trial asks for it, with a traceback,
+    after the sweep has started; checked here it is one line before anything runs. Widened or
+    narrowed numeric ranges stay allowed (Optuna accepts them).
+
+    Raises:
+        StudyMismatchError: Naming the parameter, both spaces and the way out.
+    """
+    from optuna.distributions import CategoricalDistribution, check_distribution_compatibility
+
+    def describe(dist: Any) -> str:
+        if isinstance(dist, CategoricalDistribution):
+            return f"choice({', '.join(map(str, dist.choices))})"
+        return repr(dist)
+
+    for trial in study.get_trials(deepcopy=False):
+        for name, old in trial.distributions.items():
+            new = distributions.get(name)
+            if new is None:
+                continue
+            try:
+                check_distribution_compatibility(old, new)
+            except ValueError:
+                raise StudyMismatchError(
+                    f"study '{study.study_name}' ran {name} as {describe(old)}, but this sweep asks for "
+                    f"{describe(new)}; resume with the same choices, or start a new study with "
+                    "hydra.sweeper.study_name=NEW_NAME"
+                ) from None
 
 
 def worker_tag() -> str:

@@ -1,0 +1,196 @@
+#!/usr/bin/env bash
+# One-GPU check of lora_sweep (issue 17), no downloads, under 8 minutes on one H200:
+#   1. a ~100M-parameter random-init Llama (the embedded tokenizer), built in a temp dir;
+#   2. one trial on it with train.precision=auto (bf16 autocast on a bf16 GPU; TF32 on); its
+#      self-check runs first, as in every trial;
+#   3. benchmarks/bench_trial.py (it has no option for a device or a model size: it picks
+#      CUDA when torch sees one and always measures its own ~8M model; one round here);
+#   4. a 20-trial default sweep on the embedded model (n_jobs=auto: one worker per visible GPU),
+#      then each trial's peak allocated CUDA memory (`peak_mem_mb` of the results CSV), trial 1
+#      against trial 20, to see that memory does not grow from trial to trial.
+# Ends with a summary block; exit code 1 when a step failed.
+#
+#   benchmarks/gpu_check.sh               # on the GPU machine
+#   benchmarks/gpu_check.sh --cpu-smoke   # a tiny version on the CPU (< 2 min on 2 cores)
+# Environment: PYTHON (default .venv/bin/python), KEEP=1 keeps the temp dir.
+set -euo pipefail
+
+cd "$(dirname "${BASH_SOURCE[0]}")/.."
+SMOKE=0
+case "${1:-}" in
+  --cpu-smoke) SMOKE=1 ;;
+  "") ;;
+  *) echo "usage: $0 [--cpu-smoke]" >&2; exit 2 ;;
+esac
+if [[ -n "${PYTHON:-}" ]]; then PY=$PYTHON
+elif [[ -x .venv/bin/python ]]; then PY=.venv/bin/python
+else PY=python3
+fi
+export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 PYTHONUNBUFFERED=1
+TMP=$(mktemp -d -t lora_gpu_check.XXXXXX)
+if [[ "${KEEP:-0}" == 1 ]]; then trap 'echo "kept $TMP"' EXIT; else trap 'rm -rf "$TMP"' EXIT; fi
+START=$(date +%s)
+declare -a SUMMARY=()
+FAILED=0
+note() { SUMMARY+=("$1"); echo "== $1"; }
+fail() { FAILED=1; note "FAILED: $1"; }
+
+if [[ $SMOKE == 1 ]]; then
+  export CUDA_VISIBLE_DEVICES=""  # the CPU path even on a GPU machine
+  HIDDEN=64 LAYERS=2 INTER=172 HEADS=4 KV_HEADS=2
+  TRIAL_ARGS=(train.max_steps=4 train.warmup_steps=1 train.batch_size=4 data.max_length=64 train.eval_every=2)
+  SWEEP_TRIALS=3
+  SWEEP_ARGS=(hydra.sweeper.n_jobs=1 hydra.sweeper.enqueue=null train.max_steps=4 train.warmup_steps=1
+              train.batch_size=4 train.eval_every=2 train.sample_prompts=0 'data.max_length=choice(32,64)')
+  STEP_TIMEOUT=120
+else
+  HIDDEN=768 LAYERS=16 INTER=2048 HEADS=12 KV_HEADS=4  # ~102M parameters
+  TRIAL_ARGS=(train.max_steps=40 data.max_length=512)
+  SWEEP_TRIALS=20
+  SWEEP_ARGS=()
+  STEP_TIMEOUT=180  # trial 120 s + bench_trial 150 s + sweep 180 s: under 8 min even when all time out
+  nvidia-smi --query-gpu=index,name,memory.total --format=csv,noheader || echo "(no nvidia-smi)"
+fi
+
+echo "== device"
+"$PY" - "$SMOKE" <<'EOF'
+import sys
+
+import torch
+
+smoke = sys.argv[1] == "1"
+if torch.cuda.is_available():
+    name = torch.cuda.get_device_name(0)
+    print(f"torch {torch.__version__}, CUDA {torch.version.cuda}: {torch.cuda.device_count()} GPU(s), "
+          f"GPU 0 {name}, bf16 {torch.cuda.is_bf16_supported()}")
+elif smoke:
+    print(f"torch {torch.__version__}: CPU smoke run")
+else:
+    sys.exit("no CUDA device visible to torch: run with --cpu-smoke on a CPU machine")
+EOF
+
+echo "== 1. random Llama checkpoint"
+MODEL="$TMP/llama"
+"$PY" - "$MODEL" "$HIDDEN" "$LAYERS" "$INTER" "$HEADS" "$KV_HEADS" <<'EOF'
+# as benchmarks/bench_trial.py's build_model_dir, larger: random init, the embedded tokenizer
+import sys
+
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM
+
+from lora_sweep.config import ModelConfig
+from lora_sweep.embedded import TINY_LLAMA_DIR
+from lora_sweep.model import load_tokenizer
+
+out, hidden, layers, inter, heads, kv_heads = sys.argv[1], *map(int, sys.argv[2:])
+tokenizer = load_tokenizer(TINY_LLAMA_DIR, ModelConfig(name="tiny_llama", path=None))
+config = LlamaConfig(
+    vocab_size=len(tokenizer),
+    hidden_size=hidden,
+    intermediate_size=inter,
+    num_hidden_layers=layers,
+    num_attention_heads=heads,
+    num_key_value_heads=kv_heads,
+    head_dim=hidden // heads,
+    max_position_embeddings=1024,
+    tie_word_embeddings=True,
+    bos_token_id=tokenizer.bos_token_id,
+    eos_token_id=tokenizer.eos_token_id,
+    pad_token_id=tokenizer.pad_token_id,
+)
+torch.manual_seed(0)
+model = LlamaForCausalLM(config)
+model.save_pretrained(out)
+tokenizer.save_pretrained(out)
+print(f"{sum(p.numel() for p in model.parameters()) / 1e6:.1f}M parameters in {out}")
+EOF
+PARAMS=$("$PY" -c "import json,sys; c=json.load(open(sys.argv[1]+'/config.json')); print(c['num_hidden_layers'], 'layers x', c['hidden_size'])" "$MODEL")
+note "model: $PARAMS (random init, embedded tokenizer)"
+
+echo "== 2. self-check + one trial, train.precision=auto"
+T0=$(date +%s)
+if timeout $(( STEP_TIMEOUT * 2 / 3 )) "$PY" -m lora_sweep model=local "model.path=$MODEL" train.precision=auto \
+    "results_dir=$TMP/single" "${TRIAL_ARGS[@]}" > "$TMP/single.log" 2>&1; then
+  LINE=$("$PY" - "$TMP/single" <<'EOF'
+import json
+import sys
+from pathlib import Path
+
+from lora_sweep.results import read_rows, results_csv_path
+
+row = read_rows(results_csv_path(Path(sys.argv[1]))).iloc[-1]
+result = json.loads((Path(row["run_dir"]) / "result.json").read_text())
+checks = ", ".join(k for k in result["self_check"] if k != "seconds")
+print(
+    f"status={row['status']} precision={row['precision']} device={row['device']} "
+    f"peak_mem_mb={row['peak_mem_mb']} tokens_per_s={row['tokens_per_s']} "
+    f"final_loss={row['final_loss']:.4f} self_check=[{checks}] in {result['self_check'].get('seconds', '?')} s"
+)
+EOF
+)
+  note "trial ($(( $(date +%s) - T0 )) s): $LINE"
+  if [[ $SMOKE == 0 && $LINE != *"precision=bf16"* ]]; then fail "the trial did not train in bf16 with train.precision=auto"; fi
+  if [[ $LINE != *"status=success"* ]]; then fail "the trial did not succeed"; fi
+else
+  tail -20 "$TMP/single.log"
+  fail "single trial (log above)"
+fi
+
+echo "== 3. benchmarks/bench_trial.py"
+if [[ $SMOKE == 1 ]]; then
+  note "bench_trial: skipped in --cpu-smoke (its --quick alone takes 1-2 min on 2 cores)"
+else
+  # no --device / model-size option: it uses CUDA when available, on its own ~8M model
+  if timeout 150 "$PY" benchmarks/bench_trial.py --rounds 1 --steps 22 --sweep-trials 6 > "$TMP/bench.log" 2>&1; then
+    note "bench_trial: $(tail -1 "$TMP/bench.log")"
+  else
+    tail -20 "$TMP/bench.log"
+    fail "bench_trial.py (log above)"
+  fi
+fi
+
+echo "== 4. $SWEEP_TRIALS-trial sweep on the embedded model"
+T0=$(date +%s)
+if timeout "$STEP_TIMEOUT" "$PY" -m lora_sweep -m "hydra.sweeper.n_trials=$SWEEP_TRIALS" \
+    "results_dir=$TMP/sweep" "${SWEEP_ARGS[@]}" > "$TMP/sweep.log" 2>&1; then
+  grep -m1 "target: n_trials" "$TMP/sweep.log" | sed 's/^/   /' || true
+  grep -E "round-robin|GPU [0-9]+ runs" "$TMP/sweep.log" | sed 's/^/   /' || true
+  MEM=$("$PY" - "$TMP/sweep" <<'EOF'
+import sys
+from pathlib import Path
+
+from lora_sweep.results import read_rows, results_csv_path
+
+rows = read_rows(results_csv_path(Path(sys.argv[1]))).sort_values("trial_number")
+for _, r in rows.iterrows():
+    print(
+        f"   trial {int(r['trial_number']) + 1:>2} {r['state']:<8} max_length={r['data.max_length']:<4} "
+        f"r={r['lora.r']:<3} steps={r['steps_completed']:<3} peak_mem_mb={r['peak_mem_mb']}",
+        file=sys.stderr,
+    )
+first, last = rows.iloc[0], rows.iloc[-1]
+same = rows[(rows["data.max_length"] == first["data.max_length"]) & (rows["lora.r"] == first["lora.r"])]
+like = ""
+if len(same) > 1:
+    like = (
+        f"; same shape as trial 1 (max_length={first['data.max_length']}, r={first['lora.r']}): "
+        f"trial {int(same.iloc[-1]['trial_number']) + 1} {same.iloc[-1]['peak_mem_mb']} MiB"
+    )
+print(
+    f"{len(rows)} trials ({(rows['state'] == 'COMPLETE').sum()} complete, {(rows['state'] == 'PRUNED').sum()} "
+    f"pruned, {(rows['state'] == 'FAIL').sum()} failed); peak_mem_mb trial 1 {first['peak_mem_mb']} "
+    f"vs trial {int(last['trial_number']) + 1} {last['peak_mem_mb']} (max {rows['peak_mem_mb'].max()}){like}"
+)
+EOF
+)
+  note "sweep ($(( $(date +%s) - T0 )) s): $MEM"
+else
+  tail -20 "$TMP/sweep.log"
+  fail "sweep (log above)"
+fi
+
+echo
+echo "================ gpu_check summary ($([[ $SMOKE == 1 ]] && echo cpu-smoke || echo gpu), $(( $(date +%s) - START )) s)"
+for line in "${SUMMARY[@]}"; do echo "  $line"; done
+echo "  result: $([[ $FAILED == 0 ]] && echo OK || echo FAILED)"
+exit "$FAILED"
