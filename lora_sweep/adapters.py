@@ -22,11 +22,12 @@ import socket
 import tempfile
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
 from filelock import FileLock
+from safetensors.torch import save_file
 
 from lora_sweep import artifacts
 from lora_sweep.results import LOCK_TIMEOUT_S
@@ -49,16 +50,28 @@ def complete_adapter(run_dir: str | os.PathLike[str]) -> Path | None:
     return path if all((path / name).is_file() for name in ADAPTER_FILES) else None
 
 
-def save_adapter(model: Any, run_dir: Path) -> tuple[Path, float]:
+def save_adapter(model: Any, run_dir: Path, *, initial: Mapping[str, Any] | None = None) -> tuple[Path, float]:
     """Save the adapter of `model` (a `PeftModel`) to `<run_dir>/adapter` atomically; returns
-    (its path, seconds taken). An adapter already there (an earlier save of this run) is replaced."""
+    (its path, seconds taken). An adapter already there (an earlier save of this run) is replaced.
+
+    `initial`: the adapter's weights at initialisation, for an init that moved base weights
+    (`lora.initial_adapter_state`): the adapter is then saved converted by peft into a plain
+    LoRA of rank 2r that loads on the original base checkpoint."""
     start = time.perf_counter()
     run_dir = Path(run_dir)
     clean_leftovers(run_dir.parent)  # what dead processes left in this and the sibling run directories
     final = run_dir / ADAPTER_DIRNAME
     tmp = make_tmp_dir(run_dir, ADAPTER_DIRNAME)
     try:
-        model.save_pretrained(str(tmp), safe_serialization=True)
+        if initial is None:
+            model.save_pretrained(str(tmp), safe_serialization=True)
+        else:
+            with tempfile.TemporaryDirectory(prefix="lora_sweep_initial_adapter_") as init_dir:
+                # peft writes the initial config itself and reads the initial weights from here
+                save_file(dict(initial), str(Path(init_dir) / "adapter_model.safetensors"))
+                model.save_pretrained(
+                    str(tmp), safe_serialization=True, path_initial_model_for_weight_conversion=init_dir
+                )
         fsync_tree(tmp)
         crash_point("adapter_save")  # tests only: killed with the files written, not yet renamed
         if final.exists():

@@ -176,6 +176,21 @@ MOVES_BASE_WEIGHTS = ("pissa", "olora")
 """Inits that move part of each targeted weight into the adapter (W becomes W - B A)."""
 
 
+def initial_adapter_state(peft_model: PeftModel, settings: LoraSettings) -> dict[str, torch.Tensor] | None:
+    """A copy of the adapter as initialised, for inits that move base weights (else None).
+
+    A PiSSA/OLoRA adapter is trained against the residual base W - B0 A0, so saved as it is it
+    would be wrong on the user's original checkpoint. peft converts it at save time into a
+    plain LoRA of rank 2r that is right on the original W (`save_pretrained`'s
+    `path_initial_model_for_weight_conversion`), given the adapter's initial weights: these.
+    """
+    if settings.init not in MOVES_BASE_WEIGHTS:
+        return None
+    from peft import get_peft_model_state_dict
+
+    return {name: tensor.detach().clone() for name, tensor in get_peft_model_state_dict(peft_model).items()}
+
+
 def _peft_config(model: nn.Module, settings: LoraSettings, *, r: int, plain: bool = False) -> LoraConfig:
     """The peft config of `settings`; `plain` (a dry run that only resolves the targets): the
     default init and no DoRA, which compute nothing from the weights."""

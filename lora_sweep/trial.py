@@ -29,7 +29,14 @@ from lora_sweep.config import RunConfig
 from lora_sweep.embedded import SANITY_CHAT_PATH, SANITY_SAMPLES_PATH
 from lora_sweep.errors import INPUT_ERRORS, ConfigError
 from lora_sweep.evaluate import EVAL_TOKENS_PER_BATCH, EvalResult, eval_batches, evaluate_loss
-from lora_sweep.lora import adapted_modules, apply_lora, base_weights_to_restore, check_rank, count_parameters
+from lora_sweep.lora import (
+    adapted_modules,
+    apply_lora,
+    base_weights_to_restore,
+    check_rank,
+    count_parameters,
+    initial_adapter_state,
+)
 from lora_sweep.memory import peak_memory_mb, reset_peak_memory
 from lora_sweep.metrics import TrialMetrics, compute_metrics, eval_summary
 from lora_sweep.model import (
@@ -85,6 +92,7 @@ class Prepared:
     eval_key: tuple  # identifies the validation set as tokenized (base evaluations are cached by it)
     probe_assistant: torch.Tensor | None = None  # chat: the probe's assistant tokens ([B, S] bool)
     restore: dict[str, torch.Tensor] = field(default_factory=dict)  # base weights the init changed
+    initial_adapter: dict[str, torch.Tensor] | None = None  # PiSSA / OLoRA: converted at save time
     cache_hit: bool = False
     samples: SamplePrompts | None = None  # answered after a completed trial (train.sample_prompts)
 
@@ -367,6 +375,7 @@ def prepare(cfg: RunConfig, cache: TrialCache) -> Prepared:
             eval_key=examples_key(val_key, tok_key, cfg.data, eval_length),
             probe_assistant=probe_assistant,
             restore=restore,
+            initial_adapter=initial_adapter_state(model, cfg.lora),
             cache_hit=hit,
             samples=samples,
         )
@@ -528,7 +537,9 @@ def _run_prepared(
         result.metrics = metrics
         result.status, result.reason = _status(loop, metrics)
         if result.status == "success" and cfg.train.save_adapter != "none":  # before give_back unloads it
-            result.adapter_dir, result.adapter_seconds = save_adapter(prepared.model, run_dir)
+            result.adapter_dir, result.adapter_seconds = save_adapter(
+                prepared.model, run_dir, initial=prepared.initial_adapter
+            )
     except Exception as err:  # noqa: BLE001 - a trial reports failure instead of crashing the sweep
         out_of_memory = is_out_of_memory(err)
         result.status, result.reason = "failed", failure_reason(err)

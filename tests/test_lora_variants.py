@@ -4,6 +4,7 @@ base model bit-identical for the next trial."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -115,3 +116,48 @@ def test_lora_variants_sweep_records_every_variant(tmp_path: Path) -> None:
     for column in ("lora.use_dora", "lora.init", "lora.use_rslora", "train.loraplus_lr_ratio"):
         assert rows[column].notna().all(), column
     assert set(rows["lora.init"]) <= {"default", "gaussian", "pissa", "olora"}
+
+
+@pytest.mark.parametrize("init", ["pissa", "olora"])
+def test_a_saved_pissa_or_olora_adapter_is_a_plain_lora_right_on_the_original_base(init: str, tmp_path: Path) -> None:
+    """Saved as trained, the adapter is only right after peft re-runs the init at load time,
+    rewriting the loaded base weights (so it cannot share them with other adapters, and tools
+    that do not re-run it get it wrong). A trial saves it through peft's conversion instead: a
+    plain LoRA of rank 2r, the same outputs, the base weights untouched."""
+    from peft import PeftModel
+
+    from lora_sweep.adapters import save_adapter
+    from lora_sweep.lora import initial_adapter_state
+
+    settings = LoraSettings(r=4, alpha=8, target_modules=("q_proj", "v_proj"), init=init)
+    model = load_model(TINY_LLAMA_DIR, ModelConfig(name="tiny_llama", path=None), CPU)
+    original_q = model.model.layers[0].self_attn.q_proj.weight.detach().clone()
+    peft_model = apply_lora(model, settings)
+    initial = initial_adapter_state(peft_model, settings)
+    assert initial and initial_adapter_state(peft_model, LoraSettings(r=4, alpha=8)) is None
+    torch.manual_seed(0)
+    with torch.no_grad():  # "training": move every LoRA weight away from its init
+        for name, param in peft_model.named_parameters():
+            if "lora_" in name:
+                param.add_(0.05 * torch.randn_like(param))
+    ids = torch.tensor([[1, 40, 41, 42, 43, 44, 45, 46]])
+    peft_model.eval()
+    with torch.no_grad():
+        trained = peft_model(input_ids=ids).logits
+    converted, _ = save_adapter(peft_model, tmp_path / "converted", initial=initial)
+    as_trained, _ = save_adapter(peft_model, tmp_path / "as_trained")
+
+    def load(adapter: Path) -> tuple[torch.Tensor, torch.Tensor]:
+        base = load_model(TINY_LLAMA_DIR, ModelConfig(name="tiny_llama", path=None), CPU)
+        loaded = PeftModel.from_pretrained(base, str(adapter)).eval()
+        with torch.no_grad():
+            logits = loaded(input_ids=ids).logits
+        return logits, loaded.get_base_model().model.layers[0].self_attn.q_proj.base_layer.weight
+
+    logits, base_q = load(converted)
+    torch.testing.assert_close(logits, trained, rtol=0, atol=1e-4)
+    assert torch.equal(base_q, original_q)  # the checkpoint's own weights, as loaded
+    config = json.loads((converted / "adapter_config.json").read_text())
+    assert config["r"] == 8 and config["init_lora_weights"] is True  # a plain LoRA of rank 2r
+    assert json.loads((as_trained / "adapter_config.json").read_text())["init_lora_weights"] == init
+    assert not torch.equal(load(as_trained)[1], original_q)  # what the unconverted one does at load
