@@ -27,7 +27,6 @@ from pathlib import Path
 from typing import Any
 
 from filelock import FileLock
-from safetensors.torch import save_file
 
 from lora_sweep import artifacts
 from lora_sweep.results import LOCK_TIMEOUT_S
@@ -66,6 +65,8 @@ def save_adapter(model: Any, run_dir: Path, *, initial: Mapping[str, Any] | None
         if initial is None:
             model.save_pretrained(str(tmp), safe_serialization=True)
         else:
+            from safetensors.torch import save_file  # torch: not for the notebook side importing this module
+
             with tempfile.TemporaryDirectory(prefix="lora_sweep_initial_adapter_") as init_dir:
                 # peft writes the initial config itself and reads the initial weights from here
                 save_file(dict(initial), str(Path(init_dir) / "adapter_model.safetensors"))

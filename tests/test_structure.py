@@ -146,12 +146,13 @@ def test_the_sweeper_imports_nothing_of_the_app() -> None:
 
 
 def test_notebook_side_modules_import_without_torch() -> None:
-    """A notebook reading results (`analysis`, which reads samples too) and the sweeper's hooks
+    """A notebook reading results (`analysis`, which reads samples too; `experiments`) and the sweeper's hooks
     module need no torch: importing it costs ~0.7 s, and the dashboard machine may lack it."""
     import subprocess
     import sys
 
-    code = "import sys, lora_sweep.analysis, lora_sweep.sweep_hooks; print('torch' in sys.modules)"
+    modules = "lora_sweep.analysis, lora_sweep.experiments, lora_sweep.sweep_hooks"
+    code = f"import sys, {modules}; print('torch' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "False"
 
