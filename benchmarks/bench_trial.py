@@ -210,12 +210,21 @@ def matmul_ceiling(
     return best
 
 
-def build_model_dir(out: Path, head_dim: int = 64) -> Path:
-    """An ~8M-parameter random-init GQA Llama with the embedded tokenizer, saved with save_pretrained.
+def build_model_dir(
+    out: Path,
+    head_dim: int = 64,
+    *,
+    hidden: int = 256,
+    layers: int = 10,
+    intermediate: int = 688,
+    kv_ratio: int = 2,
+) -> Path:
+    """A random-init GQA Llama with the embedded tokenizer, saved with save_pretrained: by default
+    the ~8M-parameter benchmark model (`benchmarks/gpu_check.sh` builds a larger one).
 
-    Hidden size 256 split into heads of `head_dim` (64 as in TinyLlama, SmolLM and Llama 3.2 1B;
-    real checkpoints use 64 or 128), with half as many key/value heads as query heads. The
-    parameter count and matmul FLOPs do not depend on `head_dim`."""
+    `hidden` split into heads of `head_dim` (64 as in TinyLlama, SmolLM and Llama 3.2 1B; real
+    checkpoints use 64 or 128), with `kv_ratio` times fewer key/value heads than query heads.
+    The parameter count and matmul FLOPs do not depend on `head_dim`."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
     from lora_sweep.embedded import TINY_LLAMA_DIR
@@ -223,11 +232,11 @@ def build_model_dir(out: Path, head_dim: int = 64) -> Path:
     tokenizer = load_tokenizer(TINY_LLAMA_DIR, ModelConfig(name="tiny_llama", path=None))
     config = LlamaConfig(
         vocab_size=len(tokenizer),
-        hidden_size=256,
-        intermediate_size=688,
-        num_hidden_layers=10,
-        num_attention_heads=256 // head_dim,
-        num_key_value_heads=128 // head_dim,
+        hidden_size=hidden,
+        intermediate_size=intermediate,
+        num_hidden_layers=layers,
+        num_attention_heads=hidden // head_dim,
+        num_key_value_heads=hidden // head_dim // kv_ratio,
         head_dim=head_dim,
         max_position_embeddings=1024,
         tie_word_embeddings=True,

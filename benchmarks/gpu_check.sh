@@ -72,37 +72,21 @@ EOF
 echo "== 1. random Llama checkpoint"
 MODEL="$TMP/llama"
 "$PY" - "$MODEL" "$HIDDEN" "$LAYERS" "$INTER" "$HEADS" "$KV_HEADS" <<'EOF'
-# as benchmarks/bench_trial.py's build_model_dir, larger: random init, the embedded tokenizer
+# bench_trial.py's model builder, larger: random init, the embedded tokenizer
 import sys
+from pathlib import Path
 
-import torch
-from transformers import LlamaConfig, LlamaForCausalLM
+from safetensors.torch import load_file
 
-from lora_sweep.config import ModelConfig
-from lora_sweep.embedded import TINY_LLAMA_DIR
-from lora_sweep.model import load_tokenizer
+sys.path.insert(0, "benchmarks")
+from bench_trial import build_model_dir
 
 out, hidden, layers, inter, heads, kv_heads = sys.argv[1], *map(int, sys.argv[2:])
-tokenizer = load_tokenizer(TINY_LLAMA_DIR, ModelConfig(name="tiny_llama", path=None))
-config = LlamaConfig(
-    vocab_size=len(tokenizer),
-    hidden_size=hidden,
-    intermediate_size=inter,
-    num_hidden_layers=layers,
-    num_attention_heads=heads,
-    num_key_value_heads=kv_heads,
-    head_dim=hidden // heads,
-    max_position_embeddings=1024,
-    tie_word_embeddings=True,
-    bos_token_id=tokenizer.bos_token_id,
-    eos_token_id=tokenizer.eos_token_id,
-    pad_token_id=tokenizer.pad_token_id,
+build_model_dir(
+    Path(out), hidden // heads, hidden=hidden, layers=layers, intermediate=inter, kv_ratio=heads // kv_heads
 )
-torch.manual_seed(0)
-model = LlamaForCausalLM(config)
-model.save_pretrained(out)
-tokenizer.save_pretrained(out)
-print(f"{sum(p.numel() for p in model.parameters()) / 1e6:.1f}M parameters in {out}")
+params = sum(t.numel() for t in load_file(f"{out}/model.safetensors").values())
+print(f"{params / 1e6:.1f}M parameters in {out}")
 EOF
 PARAMS=$("$PY" -c "import json,sys; c=json.load(open(sys.argv[1]+'/config.json')); print(c['num_hidden_layers'], 'layers x', c['hidden_size'])" "$MODEL")
 note "model: $PARAMS (random init, embedded tokenizer)"

@@ -154,6 +154,29 @@ def one_worker(args: tuple[str, ...] | list[str]) -> list[str]:
     return args
 
 
+def sweeps_once(base: Path, *sweeps: list[str]) -> Path:
+    """`base/results` after the sweeps `python -m lora_sweep -m results_dir=base/results ARGS`
+    (each a list of ARGS, run in order with the default workers), made once per `base`: a
+    later call finds them done. For session fixtures that share real sweep results."""
+    results = base / "results"
+    done = base / "done"
+    if done.is_file():
+        return results
+    base.mkdir(parents=True, exist_ok=True)
+    for args in sweeps:
+        proc = subprocess.run(
+            [sys.executable, "-m", "lora_sweep", "-m", f"results_dir={results}", *args],
+            cwd=base,
+            env=dict(os.environ, PYTHONUNBUFFERED="1"),
+            capture_output=True,
+            text=True,
+            timeout=600,
+        )
+        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    done.write_text("ok")
+    return results
+
+
 def run_cli(*args: str, cwd: Path | None = None, timeout: float = 300) -> subprocess.CompletedProcess[str]:
     """Run `python -m lora_sweep ARGS` in a subprocess, as a user would (a sweep: one worker
     unless `hydra.sweeper.n_jobs` is given, see `one_worker`)."""

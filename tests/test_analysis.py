@@ -7,9 +7,6 @@ once per test session, however many test modules ask for it.
 from __future__ import annotations
 
 import math
-import os
-import subprocess
-import sys
 import warnings
 from pathlib import Path
 
@@ -24,6 +21,7 @@ from optuna.trial import TrialState, create_trial
 from lora_sweep import analysis
 from lora_sweep.results import RESULTS_FILENAME, append_row, write_step_log
 from lora_sweep.sweep.study import ATTR_PENALTY_FOR, JOURNAL_NAME
+from tests.conftest import sweeps_once
 
 # ------------------------------------------------------------------ the shared tiny sweep
 
@@ -44,24 +42,7 @@ TINY_SWEEP_ARGS = (
 
 def tiny_sweep_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """Results dir of a real 6-trial sweep (one or more diverged trials), made once per session."""
-    base = tmp_path_factory.getbasetemp() / "tiny_sweep"
-    results = base / "results"
-    done = base / "done"
-    if done.is_file():
-        return results
-    base.mkdir(parents=True, exist_ok=True)
-    env = dict(os.environ, PYTHONUNBUFFERED="1")
-    proc = subprocess.run(
-        [sys.executable, "-m", "lora_sweep", "-m", f"results_dir={results}", *TINY_SWEEP_ARGS],
-        cwd=base,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    done.write_text("ok")
-    return results
+    return sweeps_once(tmp_path_factory.getbasetemp() / "tiny_sweep", list(TINY_SWEEP_ARGS))
 
 
 @pytest.fixture(scope="session")

@@ -3,9 +3,6 @@
 from __future__ import annotations
 
 import math
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pandas as pd
@@ -18,7 +15,7 @@ from lora_sweep import experiments
 from lora_sweep.cli import config_dir
 from lora_sweep.sweep.samplers import grid_size, is_grid
 from lora_sweep.sweep.space import parse_search_space
-from tests.conftest import REPO
+from tests.conftest import REPO, sweeps_once
 
 EXPERIMENTS = sorted(p.stem for p in (REPO / "conf" / "experiment").glob("*.yaml"))
 # experiment -> its parameters that vary (the figure's axes) and their values in the full grid
@@ -131,25 +128,7 @@ def test_grid_curves_names_what_is_missing() -> None:
 
 def tiny_experiments_dir(base: Path) -> Path:
     """One results dir holding the tiny version of every experiment (a study each)."""
-    results = base / "results"
-    done = base / "done"
-    if done.is_file():
-        return results
-    base.mkdir(parents=True, exist_ok=True)
-    for name in EXPERIMENTS:
-        proc = subprocess.run(
-            [sys.executable, "-m", "lora_sweep", "-m", f"experiment={name}", f"results_dir={results}"]
-            + TINY_EXPERIMENTS[name]
-            + TINY_STEPS,
-            cwd=base,
-            env=dict(os.environ, PYTHONUNBUFFERED="1"),
-            capture_output=True,
-            text=True,
-            timeout=600,
-        )
-        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    done.write_text("ok")
-    return results
+    return sweeps_once(base, *([f"experiment={name}", *TINY_EXPERIMENTS[name], *TINY_STEPS] for name in EXPERIMENTS))
 
 
 @pytest.fixture(scope="session")
