@@ -27,11 +27,12 @@ warnings.filterwarnings("ignore")
 
 import torch  # noqa: E402
 
-DEFAULT = "default (per-batch padding, auto = fp32)"
+DEFAULT = "default (packing, auto = fp32)"
 VARIANTS = {
     DEFAULT: [],
-    "length grouping (data.group_by_length)": ["data.group_by_length=true"],
-    "pad to max_length": ["data.padding=max_length"],
+    "uniform batches (data.packing=false)": ["data.packing=false"],
+    "length grouping (data.group_by_length)": ["data.packing=false", "data.group_by_length=true"],
+    "pad to max_length": ["data.packing=false", "data.padding=max_length"],
     "bf16 autocast (fp32 attention)": ["train.precision=bf16"],
 }
 

@@ -4,7 +4,7 @@ One process, one model, one dataset, one batch size, step count and seed. Rounds
 interleaved (A B C D, A B C D, ...) and medians reported, so a machine under load slows
 every variant alike and the ratios stay meaningful.
 
-    .venv/bin/python benchmarks/bench_trial.py                 # ~5-8 min on 2 CPU cores
+    .venv/bin/python benchmarks/bench_trial.py                 # ~15 min on 2 quiet CPU cores
     .venv/bin/python benchmarks/bench_trial.py --quick         # a smoke run (~1-2 min)
     .venv/bin/python benchmarks/bench_trial.py --data /path/to/alpaca_seed_tasks.json
 
@@ -12,6 +12,12 @@ Model: an ~8M-parameter random-init Llama with GQA (10 layers, hidden 256, 4 que
 heads), the size of DESIGN.md's throughput measurements, built in a temp dir with the
 embedded tokenizer. LoRA as the CLI's default (`lora=default`, peft's Llama targets; r 8, alpha 16, dropout 0.05, q_proj
 and v_proj) for every variant.
+
+Batching: `ours` is the trial exactly as the CLI's defaults batch it (`data.packing`,
+`data.group_by_length` as conf/data sets them); each other batching is a row of its own
+(`ours_uniform`, `ours_grouped`, `ours_packed`: opt-in techniques), all compared on real
+(non-padding) tokens per second. A last section runs the default trial on a ~52M-parameter
+Llama, where matmuls dominate, for MFU against the fp32 and bf16 ceilings of its shapes.
 
 Data (`--data PATH`, see `benchmark_records`; the data used is printed): an Alpaca-format file,
 by default `$LORA_SWEEP_SEED_TASKS` when it is set (Stanford Alpaca's 175 seed tasks, what
@@ -30,6 +36,7 @@ Last line: `vs_trainer=<x> vs_trainer_tuned=<t> vs_naive=<y> mfu=<z> overhead=<w
 from __future__ import annotations
 
 import argparse
+import collections
 import contextlib
 import json
 import logging
@@ -263,6 +270,44 @@ def flops_per_batch(lengths: list[int], model_cfg) -> float:
     return total
 
 
+# batchings of our trial, as overrides of the CLI config (each explicit, whatever the default is)
+BATCHINGS: dict[str, tuple[str, ...]] = {
+    "uniform": ("data.group_by_length=false", "data.packing=false"),
+    "grouped": ("data.group_by_length=true", "data.packing=false"),
+    "packed": ("data.group_by_length=false", "data.packing=true"),
+}
+
+
+def batching_mode(group_by_length: bool, packing: bool) -> str:
+    return "packed" if packing else "grouped" if group_by_length else "uniform"
+
+
+def sample_lengths(batch: dict[str, torch.Tensor]) -> list[int]:
+    """Real-token length of every sequence in a padded or a packed batch."""
+    if "attention_mask" in batch:
+        return batch["attention_mask"].sum(dim=1).tolist()
+    from lora_sweep.precision import packed_segments
+
+    position_ids, real = batch["position_ids"], batch["real_tokens"]
+    spans = packed_segments(position_ids) or [[(0, position_ids.shape[1])] for _ in range(len(position_ids))]
+    lengths = [int(real[r, a:b].sum()) for r, row in enumerate(spans) for a, b in row]
+    return [n for n in lengths if n]
+
+
+def batching_flops(examples: list, collator, mode: str, steps: int, model_cfg) -> float:
+    """Useful FLOPs of `steps` batches of `mode` drawn from `examples` with the trial's seed."""
+    loader = data_lib.make_dataloader(
+        data_lib.SanityDataset(examples),
+        collator,
+        batch_size=BATCH,
+        seed=SEED,
+        group_by_length=mode == "grouped",
+        packing=mode == "packed",
+    )
+    batches = data_lib.infinite_batches(loader)
+    return sum(flops_per_batch(sample_lengths(next(batches)), model_cfg) for _ in range(steps))
+
+
 def fresh_lora_model(model_dir: Path, device: torch.device, lora: LoraSettings = LORA) -> torch.nn.Module:
     model = load_model(model_dir, ModelConfig(name="local", path=str(model_dir)), device)
     torch.manual_seed(SEED)
@@ -322,7 +367,6 @@ def run_ours(
         f"lora.dropout={LORA.dropout}",
         f"results_dir={results}",
         f"train.log_every={steps}",
-        "data.group_by_length=true",
         *extra,
     )
     run_cfg = RunConfig.from_mapping(OmegaConf.to_container(cfg, resolve=True))
@@ -538,6 +582,7 @@ def default_sweep_overhead(results: Path, n_trials: int | None) -> tuple[float, 
     storage = optuna.storages.JournalStorage(backend)
     study = optuna.load_study(study_name="lora_sweep", storage=storage)
     rows, lines, spans = [], [], []
+    parts: dict[str, float] = collections.defaultdict(float)  # where the non-step time went
     for t in study.get_trials(deepcopy=False):
         if t.datetime_start is None or t.datetime_complete is None or "run_dir" not in t.user_attrs:
             continue  # penalty records are not runs
@@ -545,6 +590,11 @@ def default_sweep_overhead(results: Path, n_trials: int | None) -> tuple[float, 
         result = json.loads((Path(t.user_attrs["run_dir"]) / "result.json").read_text())
         step_s, train_s = result["step_seconds"], result["train_seconds"]
         rows.append((wall, step_s))
+        parts["held-out evals"] += result.get("eval_seconds", 0.0)
+        parts["sample answers"] += result.get("sample_seconds", 0.0)
+        parts["adapter save"] += result.get("adapter_seconds", 0.0)
+        parts["self-check"] += float(result["self_check"].get("seconds", 0.0) or 0.0)
+        parts["loop extras (hook, reports, logging)"] += train_s - step_s - result.get("eval_seconds", 0.0)
         spans.append((t.datetime_start, t.datetime_complete))
         lines.append(
             f"  trial {t.number:2d} {t.state.name:8s}: {result['steps_completed']:2d} steps, "
@@ -561,7 +611,59 @@ def default_sweep_overhead(results: Path, n_trials: int | None) -> tuple[float, 
         f"summary); overhead on trials 2..N alone: "
         f"{1 - sum(st for _, st in later) / max(sum(w for w, _ in later), 1e-9):.3f}"
     )
+    known = sum(parts.values())
+    parts["the rest (job set-up, model and data, metrics, CSV, study)"] = total_wall - total_step - known
+    lines.append(
+        "  overhead by part, as a share of the trials' wall time: "
+        + ", ".join(f"{name} {seconds / total_wall:.3f}" for name, seconds in parts.items())
+    )
     return 1 - total_step / total_wall, lines
+
+
+LARGE = {"hidden": 768, "layers": 8, "intermediate": 2048, "kv_ratio": 2}  # ~52M parameters
+
+
+def large_mfu(comp: Callable, tmp: Path, data_path: Path, steps: int, device: torch.device, cache: TrialCache) -> None:
+    """Our default trial on a ~52M-parameter Llama (`LARGE`), bf16 (auto) and fp32, with MFU
+    against the fp32 and bf16 matmul ceilings of the model's own shapes, measured between them."""
+    from transformers import AutoConfig
+
+    model_dir = build_model_dir(tmp / "llama_large", **LARGE)
+    model_cfg = AutoConfig.from_pretrained(model_dir)
+    base = load_model(model_dir, ModelConfig(name="local", path=str(model_dir)), device)
+    n_params = sum(p.numel() for p in base.parameters())
+    del base
+    h, inter, kv = model_cfg.hidden_size, model_cfg.intermediate_size, h_kv(model_cfg)
+    t = 2048
+    shapes = [(t, h, inter), (t, inter, h), (t, h, h), (t, h, kv), (t, h, model_cfg.vocab_size)]
+    results = tmp / "results_large"
+    run_ours(comp, model_dir, data_path, WARMUP + 1, results, "large_warmup", cache=cache)
+    ceilings = {
+        "fp32": matmul_ceiling(shapes, torch.float32, device),
+        "bf16": matmul_ceiling(shapes, torch.bfloat16, device),
+    }
+    tokenizer = load_tokenizer(model_dir, ModelConfig(name="local", path=str(model_dir)))
+    records = data_lib.load_records(data_path)
+    examples = data_lib.tokenize_records(records, tokenizer, template="plain", max_length=MAX_LENGTH, mask_prompt=False)
+    defaults = comp()
+    mode = batching_mode(bool(defaults.data.group_by_length), bool(defaults.data.packing))
+    flops = batching_flops(examples, data_lib.Collator(tokenizer.pad_token_id), mode, steps, model_cfg)
+    for tag, extra in (("auto", ()), ("fp32", ("train.precision=fp32",))):
+        run = run_ours(comp, model_dir, data_path, steps, results, f"large_{tag}", *extra, cache=cache)
+        gflops = flops / run.seconds / 1e9
+        print(
+            f"  {n_params / 1e6:.1f}M params, precision {tag} -> {run.precision}: {run.tps:.0f} real tok/s, "
+            f"{gflops:.0f} GFLOP/s = MFU {gflops / ceilings[run.precision]:.1%} of the {run.precision} ceiling "
+            f"({ceilings[run.precision]:.0f} GFLOP/s; fp32 {ceilings['fp32']:.0f}, bf16 {ceilings['bf16']:.0f})"
+        )
+    ceilings["fp32"] = max(ceilings["fp32"], matmul_ceiling(shapes, torch.float32, device))
+    print(f"  fp32 ceiling re-measured after the runs: {ceilings['fp32']:.0f} GFLOP/s (the machine's drift)")
+
+
+def h_kv(model_cfg) -> int:
+    return model_cfg.num_key_value_heads * (
+        model_cfg.head_dim or model_cfg.hidden_size // model_cfg.num_attention_heads
+    )
 
 
 def main() -> None:
@@ -590,10 +692,13 @@ def main() -> None:
         choices=(32, 64, 128),
         help="attention head size of the 8M model (hidden 256 = heads x head-dim)",
     )
+    parser.add_argument(
+        "--large-steps", type=int, default=8, help="steps of the ~52M-parameter MFU section (0: skip it)"
+    )
     parser.add_argument("--quick", action="store_true", help="a smoke run: 6 steps, 1 round, 4 trials")
     args = parser.parse_args()
     if args.quick:
-        args.steps, args.rounds, args.sweep_trials = 6, 1, 4
+        args.steps, args.rounds, args.sweep_trials, args.large_steps = 6, 1, 4, WARMUP + 1
     offline_hub()
     logging.disable(logging.WARNING)
     from hydra import compose, initialize_config_dir
@@ -656,31 +761,39 @@ def main() -> None:
         ceilings["fp32"].append(matmul_ceiling(shapes, torch.float32, device))
         ceilings["bf16"].append(matmul_ceiling(shapes, torch.bfloat16, device))
 
-    # our FLOPs: the same batches the trial draws (seeded, length-grouped)
-    ours_loader = data_lib.make_dataloader(
-        data_lib.SanityDataset(examples), collator, batch_size=BATCH, seed=SEED, group_by_length=True
-    )
-    ours_batches = data_lib.infinite_batches(ours_loader)
-    ours_flops = sum(
-        flops_per_batch(next(ours_batches)["attention_mask"].sum(dim=1).tolist(), model_cfg) for _ in range(args.steps)
+    # `ours` is the CLI's default batching; each other batching is a row of its own (opt-in)
+    defaults = comp()
+    default_mode = batching_mode(bool(defaults.data.group_by_length), bool(defaults.data.packing))
+    batchings = {"ours": default_mode} | {f"ours_{m}": m for m in BATCHINGS if m != default_mode}
+    print(
+        f"batching: default {default_mode} ({BATCHINGS[default_mode] or 'no override'}); opt-in rows: "
+        + ", ".join(f"{k} ({' '.join(BATCHINGS[m]) or 'default'})" for k, m in batchings.items() if k != "ours")
     )
 
+    # our FLOPs: the batches each batching draws from these examples (seeded as the trial)
+    flops_of = {
+        mode: batching_flops(examples, collator, mode, args.steps, model_cfg) for mode in set(batchings.values())
+    }
+
     results = tmp / "results"
-    runs: dict[str, list[Run]] = {k: [] for k in ("ours", "ours_fp32", "naive", "trainer", "trainer_tuned")}
+    runs: dict[str, list[Run]] = {k: [] for k in (*batchings, "ours_fp32", "naive", "trainer", "trainer_tuned")}
     bf16 = precision == "bf16"
     cache = TrialCache()
     # load + cache the base model once, as a sweep worker has
     run_ours(comp, model_dir, data_path, 3, results, "warmup", cache=cache)
     for rnd in range(args.rounds):
         measure_ceiling()
-        run = run_ours(comp, model_dir, data_path, args.steps, results, f"ours{rnd}", cache=cache)
-        run.flops = ours_flops
-        runs["ours"].append(run)
+        for name, mode in batchings.items():
+            run = run_ours(
+                comp, model_dir, data_path, args.steps, results, f"{name}{rnd}", *BATCHINGS[mode], cache=cache
+            )
+            run.flops = flops_of[mode]
+            runs[name].append(run)
         if bf16:
             run = run_ours(
                 comp, model_dir, data_path, args.steps, results, f"ours_fp32_{rnd}", "train.precision=fp32", cache=cache
             )
-            run.flops = ours_flops
+            run.flops = flops_of[default_mode]
             runs["ours_fp32"].append(run)
         runs["naive"].append(run_naive(model_dir, texts, args.steps, device, model_cfg))
         runs["trainer"].append(
@@ -745,6 +858,12 @@ def main() -> None:
     print("\n".join(lines))
     print(f"  overhead (all trials) = {overhead:.3f}")
 
+    for name in batchings:
+        if name != "ours":
+            print(f"opt-in {name}: {med[name] / med['ours']:.2f}x the default's real tok/s")
+    if args.large_steps:
+        print(f"\nMFU where matmuls dominate: a larger random Llama, our default trial, {args.large_steps} steps:")
+        large_mfu(comp, tmp, data_path, args.large_steps, device, cache)
     ours_run = runs["ours"]
     mfu = statistics.median(x.flops / x.seconds for x in ours_run) / 1e9 / ceiling[ours_run[0].precision]
     ctx.__exit__(None, None, None)

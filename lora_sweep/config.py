@@ -127,6 +127,11 @@ class DataConfig:
     )
     padding: str = documented("batch padding: longest (each batch to its longest) or max_length", default="longest")
     group_by_length: bool = documented("batches of similar lengths (true/false)", default=False)
+    packing: bool = documented(
+        "concatenate examples into rows with no attention across them: no padding, the same tokens per step "
+        "(true/false)",
+        default=True,
+    )
     val_size: float = documented(
         "held-out records: a fraction (< 1, at least 4 records) or a count (>= 1); ignored with val_path",
         default=0.1,
@@ -154,6 +159,17 @@ class DataConfig:
             )
         _check_choice("data.padding", self.padding, PADDINGS)
         _check_bool("data.group_by_length", self.group_by_length)
+        _check_bool("data.packing", self.packing)
+        if self.packing and self.group_by_length:
+            raise ConfigError(
+                "data.group_by_length=true needs data.packing=false: packing (the default) fills its rows "
+                "itself; add data.packing=false, or drop data.group_by_length"
+            )
+        if self.packing and self.padding != "longest":
+            raise ConfigError(
+                f"data.padding={self.padding} needs data.packing=false: packed rows (the default) are not "
+                "padded per sequence; add data.packing=false, or drop data.padding"
+            )
         _check_float("data.val_size", self.val_size, low=0.0, low_open=True, example="0.1")
         if self.val_size >= 1 and not float(self.val_size).is_integer():
             _fail("data.val_size", "a fraction below 1 or a whole number of records", self.val_size, "0.1")
@@ -270,7 +286,8 @@ class TrainConfig:
         _check_float("train.max_grad_norm", self.max_grad_norm, low=0.0, low_open=True, example="1.0")
         _check_float("train.min_improvement", self.min_improvement, low=0.0, high=1.0, example="0.05")
         device = self.device
-        if not (device in ("auto", "cpu", "cuda") or (isinstance(device, str) and device.startswith("cuda:"))):
+        index = device.removeprefix("cuda:") if isinstance(device, str) and device.startswith("cuda:") else ""
+        if not (device in ("auto", "cpu", "cuda") or (index.isascii() and index.isdigit())):
             _fail("train.device", "auto, cpu, cuda or cuda:N", device, "auto")
         _check_int("train.log_every", self.log_every, 1, "10")
         _check_int("train.eval_every", self.eval_every, 1, "20")

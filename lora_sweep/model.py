@@ -217,7 +217,17 @@ def resolve_device(name: str) -> torch.device:
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if name.startswith("cuda") and not torch.cuda.is_available():
         raise ModelError(f"train.device={name} but no CUDA device is visible; use train.device=auto or cpu")
-    return torch.device(name)
+    device = torch.device(name)
+    if device.index is not None and device.index >= torch.cuda.device_count():
+        visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+        pinned = (
+            f" (CUDA_VISIBLE_DEVICES={visible}: a sweep worker pinned to one GPU sees it as cuda:0)" if visible else ""
+        )
+        raise ModelError(
+            f"train.device={name} but {torch.cuda.device_count()} CUDA device(s) are visible{pinned}; "
+            "use train.device=auto or cuda"
+        )
+    return device
 
 
 def check_attention_mask(mask: torch.Tensor | None) -> torch.Tensor | None:

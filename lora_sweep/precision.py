@@ -7,7 +7,9 @@ SDPA backward is about 2x slower than its fp32 one (measured with torch 2.13 on 
 AVX-512 BF16 + AMX, see BENCHMARKS.md), and autocast would otherwise cast fp32 inputs
 straight back to bf16. A right-padded batch there runs SDPA with `is_causal=True` instead of
 an explicit mask (`causal_sdpa_mask`: the same result on the real tokens, 1.02-1.05x per step
-on the 8M benchmark model). On CUDA bf16 attention is the fast path and is left alone.
+on the 8M benchmark model), fp32 trials included, and packed rows run one causal SDPA per
+packed sequence. On CUDA bf16 attention is the fast path and stays in bf16; right-padded
+batches get no mask there either, so SDPA may choose its flash kernel.
 """
 
 from __future__ import annotations
@@ -25,6 +27,8 @@ BF16_CPU_MIN_PARAMS = 4_000_000
 
 # The attention implementation name registered with transformers for fp32 SDPA under autocast.
 FP32_SDPA = "lora_sweep_sdpa_fp32"
+# transformers' SDPA attention unchanged, with `causal_sdpa_mask` (a GPU's training forward).
+CAUSAL_SDPA = "lora_sweep_sdpa_causal"
 
 
 def cpu_supports_bf16() -> bool:
@@ -79,6 +83,21 @@ def allow_tf32(device: torch.device) -> bool:
     return True
 
 
+def packed_segments(position_ids: torch.Tensor) -> list[list[tuple[int, int]]] | None:
+    """Per row, the (start, end) spans of the sequences packed into it (a new sequence wherever
+    the position does not follow the one before), or None when no row holds more than one."""
+    starts = torch.ones_like(position_ids, dtype=torch.bool)
+    starts[:, 1:] = position_ids[:, 1:] != position_ids[:, :-1] + 1
+    if not bool(starts[:, 1:].any()):
+        return None
+    width = position_ids.shape[1]
+    spans = []
+    for row in starts:
+        begin = row.nonzero().flatten().tolist()
+        spans.append(list(zip(begin, begin[1:] + [width], strict=True)))
+    return spans
+
+
 def sdpa_fp32_attention_forward(
     module: nn.Module,
     query: torch.Tensor,
@@ -88,14 +107,35 @@ def sdpa_fp32_attention_forward(
     **kwargs,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """transformers' own SDPA attention (its mask handling and verified `repeat_kv`), computed in
-    fp32 with autocast off; the output goes back in the query's dtype."""
+    fp32 with autocast off; the output goes back in the query's dtype.
+
+    Packed rows (`position_ids` restarting inside a row, `lora_sweep.data.PackingCollator`) run
+    one causal SDPA per packed sequence instead of one over the whole row under a block mask:
+    the CPU kernels cannot skip the masked blocks, so the row's attention would cost its width
+    squared instead of the sum of its sequences' squares. Sliding-window layers keep the mask.
+    """
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
+    position_ids = kwargs.get("position_ids")
+    # a sliding window (Mistral, Gemma's local layers) lives only in transformers' mask: keep it
+    windowed = kwargs.get("sliding_window") is not None
+    spans = None if windowed or position_ids is None or query.shape[2] == 1 else packed_segments(position_ids)
     with torch.autocast(query.device.type, enabled=False):
-        out, weights = sdpa_attention_forward(
-            module, query.float(), key.float(), value.float(), attention_mask, **kwargs
-        )
-    return out.to(query.dtype), weights
+        query32, key32, value32 = query.float(), key.float(), value.float()
+        if spans is None:
+            out, weights = sdpa_attention_forward(module, query32, key32, value32, attention_mask, **kwargs)
+            return out.to(query.dtype), weights
+        rows = []
+        for row_spans, q_row, k_row, v_row in zip(spans, query32, key32, value32, strict=True):
+            sizes = [b - a for a, b in row_spans]  # split, not slices: one gradient concat, no zero fills
+            parts = [
+                sdpa_attention_forward(module, q[None], k[None], v[None], None, **{**kwargs, "is_causal": True})[0]
+                for q, k, v in zip(
+                    q_row.split(sizes, dim=1), k_row.split(sizes, dim=1), v_row.split(sizes, dim=1), strict=True
+                )
+            ]
+            rows.append(torch.cat(parts, dim=1))  # [1, seq, heads, head_dim]
+    return torch.cat(rows, dim=0).to(query.dtype), None
 
 
 def is_right_padded(attention_mask: torch.Tensor) -> bool:
@@ -140,6 +180,18 @@ def register_fp32_sdpa() -> None:
     AttentionMaskInterface.register(FP32_SDPA, causal_sdpa_mask)
 
 
+def register_causal_sdpa() -> None:
+    """Make `CAUSAL_SDPA` a valid `attn_implementation` (idempotent): transformers' own SDPA
+    attention, with `causal_sdpa_mask`, so a right-padded batch gets no mask and SDPA may pick
+    its flash kernel (`is_causal=True`); packed rows keep transformers' block mask."""
+    from transformers import AttentionInterface
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+    from transformers.masking_utils import AttentionMaskInterface
+
+    AttentionInterface.register(CAUSAL_SDPA, sdpa_attention_forward)
+    AttentionMaskInterface.register(CAUSAL_SDPA, causal_sdpa_mask)
+
+
 def _transformers_model(model: nn.Module) -> nn.Module | None:
     """The transformers model under a peft wrapper (or the model itself), if it has one."""
     base = cast(Any, model).get_base_model() if hasattr(model, "get_base_model") else model
@@ -152,23 +204,29 @@ def mixed_precision(
 ) -> Iterator[Callable[[], contextlib.AbstractContextManager]]:
     """For the whole training run: yields a factory of the per-forward autocast context.
 
-    With bf16 on the CPU, a model configured for SDPA runs its attention through
-    `FP32_SDPA` for the duration and gets its configured implementation back afterwards
-    (the cached base model is shared by later trials).
+    A model configured for SDPA trains with one of ours for the duration and gets its
+    configured implementation back afterwards (the cached base model is shared by later
+    trials): on the CPU `FP32_SDPA` (fp32 attention, no mask for right-padded batches, one
+    causal SDPA per packed sequence), on CUDA `CAUSAL_SDPA` (no mask for right-padded batches,
+    so SDPA can use its flash kernel).
     """
     if precision not in ("fp32", "bf16"):
         raise ValueError(f"precision must be fp32 or bf16 here, got {precision!r}")
-    if precision == "fp32":
-        yield contextlib.nullcontext
-        return
     # a transformers model (duck-typed: torch types its attributes as Tensor | Module); None unless configured
-    base: Any = _transformers_model(model) if device.type == "cpu" else None
+    base: Any = _transformers_model(model) if device.type in ("cpu", "cuda") else None
     configured = base.config._attn_implementation if base is not None else None
     if configured == "sdpa":
-        register_fp32_sdpa()
-        base.set_attn_implementation(FP32_SDPA)
+        if device.type == "cpu":
+            register_fp32_sdpa()
+            base.set_attn_implementation(FP32_SDPA)
+        else:
+            register_causal_sdpa()
+            base.set_attn_implementation(CAUSAL_SDPA)
     try:
-        yield lambda: torch.autocast(device.type, dtype=torch.bfloat16)
+        if precision == "fp32":
+            yield contextlib.nullcontext
+        else:
+            yield lambda: torch.autocast(device.type, dtype=torch.bfloat16)
     finally:
         if configured == "sdpa":
             base.set_attn_implementation(configured)

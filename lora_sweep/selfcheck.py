@@ -4,7 +4,8 @@ Each check guards a bug that trains silently wrong rather than crashing: a broke
 key/value expansion (eager and SDPA logits disagree; skipped, saying so, for a model without
 SDPA), a misread padding mask (a padded row differs from itself unpadded), padding trained on
 (labels on pad positions), frozen base weights not frozen, a dead adapter (zero lora_B
-gradients), an implausible initial loss.
+gradients), an implausible initial loss, and with packing, sequences that see each other
+(packed rows' logits differ from each sequence alone).
 It runs under a forked RNG, so a trial's results do not depend on whether it ran.
 """
 
@@ -77,7 +78,8 @@ def check_only_lora_trainable(model: nn.Module) -> str:
 def _logits(model: nn.Module, batch: Mapping[str, torch.Tensor]) -> tuple[torch.Tensor, torch.dtype]:
     """(float32 logits, the dtype the model computed them in): the coarser of the logits' own
     dtype and the base weights' (a model may upcast its logits after a bf16 forward)."""
-    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    inputs = {k: batch[k] for k in ("input_ids", "attention_mask", "position_ids") if k in batch}
+    logits = model(**inputs, use_cache=False).logits
     wrapped: Any = model  # a peft model (torch types its attributes Tensor | Module)
     base = wrapped.get_base_model() if hasattr(wrapped, "get_base_model") else wrapped
     weights = base.dtype  # a transformers model: its weights' floating dtype
@@ -132,6 +134,36 @@ def check_padding_invariance(model: nn.Module, batch: Mapping[str, torch.Tensor]
             "the attention mask is misread",
         )
     return f"row with {n_pad} pads equals itself unpadded (max diff {diff:.2g})"
+
+
+def check_packing_isolation(model: nn.Module, batch: Mapping[str, torch.Tensor]) -> str:
+    """The probe's two shortest rows packed into one row (`position_ids` restarting at the second)
+    give each row's logits alone: the model derives the block mask from packed positions, and
+    the second sequence does not attend to the first."""
+    from lora_sweep.data import PackingCollator
+
+    mask = batch["attention_mask"].bool()
+    order = torch.argsort(mask.sum(dim=1))[:2].tolist()
+    rows = [batch["input_ids"][r][mask[r]] for r in order]
+    if len(rows) < 2:
+        return "skipped: the probe batch has one row, nothing to pack"
+    items = [{"input_ids": ids, "labels": ids} for ids in rows]
+    packed = PackingCollator(0, width=sum(len(ids) for ids in rows))(items)
+    inputs = {k: packed[k].to(rows[0].device) for k in ("input_ids", "position_ids")}
+    together, dtype = _logits(model, inputs)
+    apart = [
+        _logits(model, {"input_ids": ids[None], "attention_mask": torch.ones_like(ids)[None]})[0][0] for ids in rows
+    ]
+    diff = float((together[0] - torch.cat(apart)).abs().max())
+    tol = _logit_tolerance(together, dtype=dtype)
+    if not diff <= tol:
+        raise SelfCheckError(
+            "packing_isolation",
+            f"two sequences packed in one row differ from each alone by {diff:.3g} (tolerance {tol:.2g}): "
+            "this model does not separate packed sequences by position_ids; set data.packing=false",
+        )
+    sizes = " + ".join(str(len(ids)) for ids in rows)
+    return f"2 packed sequences ({sizes} tokens) equal each alone (max diff {diff:.2g})"
 
 
 def check_initial_loss(value: float, vocab_size: int) -> None:
@@ -193,6 +225,7 @@ def run_self_check(
     vocab_size: int,
     model_checks: Mapping[str, str] | None = None,
     first_backward: bool = True,
+    packing: bool = False,
 ) -> SelfCheckReport:
     """Run every check on the peft-wrapped `model` with a padded probe `batch` already on its device.
 
@@ -200,6 +233,9 @@ def run_self_check(
     this process; they are reported (marked cached) instead of run again. The per-trial checks
     (labels, trainable parameters, first backward through the fresh adapter) always run;
     `first_backward=False` leaves the last to the training loop's first step (`FirstStepCheck`).
+    `packing`: the trial trains on packed rows; `check_packing_isolation` runs too, through the
+    model's configured attention (transformers' block mask from packed positions, what a GPU
+    trains with; the CPU's per-sequence attention, `lora_sweep.precision`, is tested apart).
     Raises `SelfCheckError` naming the first failed check.
     """
     start = time.perf_counter()
@@ -222,6 +258,10 @@ def run_self_check(
             with torch.no_grad():
                 report.details["eager_matches_sdpa"] = check_eager_matches_sdpa(model, batch)
                 report.details["padding_invariance"] = check_padding_invariance(model, batch)
+        if packing:
+            model.eval()
+            with torch.no_grad():
+                report.details["packing_isolation"] = check_packing_isolation(model, batch)
         model.train()
         if first_backward:
             report.details["first_backward"] = check_first_backward(model, batch, vocab_size)

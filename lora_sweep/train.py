@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from lora_sweep.config import TrainConfig
+from lora_sweep.data import model_inputs, real_token_count
 from lora_sweep.evaluate import EvalResult, label_count, loss_sum
 from lora_sweep.precision import mixed_precision
 
@@ -116,9 +117,9 @@ def accumulate_gradients(
     label_tokens = sum(label_count(batch["labels"]) for batch in micro_batches)
     total = torch.zeros((), dtype=torch.float32, device=device)
     for batch in micro_batches:
-        inputs = {k: v.to(device, non_blocking=True) for k, v in batch.items() if k != "labels"}
-        with autocast():  # no labels given: the model computes no loss of its own
-            summed = loss_sum(model(**inputs).logits, batch["labels"].to(device, non_blocking=True))
+        inputs = {k: v.to(device, non_blocking=True) for k, v in model_inputs(batch).items()}
+        with autocast():  # no labels given: the model computes no loss of its own; no KV cache in training
+            summed = loss_sum(model(**inputs, use_cache=False).logits, batch["labels"].to(device, non_blocking=True))
         (summed / label_tokens).backward()
         total += summed.detach()
     return total / label_tokens, label_tokens
@@ -205,7 +206,7 @@ def train_loop(
             step_start = time.perf_counter()
             micro_batches = [next(batches) for _ in range(cfg.grad_accum_steps)]
             tokens = sum(b["input_ids"].numel() for b in micro_batches)
-            real_tokens = sum(int(b["attention_mask"].sum()) for b in micro_batches)
+            real_tokens = sum(real_token_count(b) for b in micro_batches)
             lr = cast(float, scheduler.get_last_lr()[0])  # torch allows a Tensor lr; ours is a float
 
             # forward + backward of each micro-batch (cross-entropy summed over the step's labels)

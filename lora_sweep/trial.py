@@ -357,6 +357,7 @@ def prepare(cfg: RunConfig, cache: TrialCache) -> Prepared:
             batch_size=cfg.train.batch_size,
             seed=cfg.train.seed,
             group_by_length=cfg.data.group_by_length,
+            packing=cfg.data.packing,
         )
         return Prepared(
             model=model,
@@ -425,7 +426,8 @@ def run_trial(
 
     `cache` holds what earlier trials of this process loaded (None: a fresh one, a cold start).
     Raises one of `INPUT_ERRORS` on bad input (nothing written); every later problem becomes
-    a `failed` result (an out-of-memory error: reason `out of memory: ... (batch B x L tokens)`).
+    a `failed` result, and so does running out of memory while preparing (reason
+    `out of memory (train.batch_size=B x data.max_length=L): ...`).
     Every trial ends with `TrialCache.end_trial`, which releases the memory it can.
     """
     cache = cache if cache is not None else TrialCache()
@@ -433,17 +435,28 @@ def run_trial(
     run_dir = Path(run_dir).absolute()
     result = TrialResult(status="failed", reason="", run_id=run_dir.name, run_dir=run_dir)
     peak_was_reset = reset_peak_memory(resolve_device(cfg.train.device))
-    with prepared_trial(cfg, cache) as prepared:  # its exit releases the memory (`end_trial`)
-        _run_prepared(
-            cfg,
-            prepared,
-            result,
-            run_dir,
-            on_step=on_step,
-            config_yaml=config_yaml,
-            start=start,
-            peak_was_reset=peak_was_reset,
-        )
+    try:
+        with prepared_trial(cfg, cache) as prepared:  # its exit releases the memory (`end_trial`)
+            _run_prepared(  # records every failure of its own in `result`
+                cfg,
+                prepared,
+                result,
+                run_dir,
+                on_step=on_step,
+                config_yaml=config_yaml,
+                start=start,
+                peak_was_reset=peak_was_reset,
+            )
+    except Exception as err:
+        if not is_out_of_memory(err):
+            raise
+        # out of memory before training (the model onto the device, the adapter, the base
+        # model's sample answers): a failed trial like one in the loop, and the worker goes on
+        cache.release()  # whatever the failed load left (`prepare` gave a checked-out model back)
+        result.reason = oom_reason(err, cfg)
+        result.duration_s = time.perf_counter() - start
+        log.error("trial failed: %s", result.reason)
+        write_json(run_dir / "result.json", result.to_json())
     return result
 
 
@@ -484,6 +497,7 @@ def _run_prepared(
                 vocab_size=prepared.vocab_size,
                 model_checks=cached_checks,
                 first_backward=False,
+                packing=cfg.data.packing,
             )
             if cached_checks is None:
                 entry.checked = {k: report.details[k] for k in MODEL_LEVEL_CHECKS}

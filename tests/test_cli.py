@@ -125,9 +125,10 @@ def _real_tokens_per_step(
         d.Collator(tokenizer.pad_token_id),
         batch_size=int(values["train.batch_size"]),
         seed=seed,
+        packing=True,  # the default
     )
     batches = d.infinite_batches(loader)
-    return [int(next(batches)["attention_mask"].sum()) for _ in range(int(values["train.max_steps"]))]
+    return [d.real_token_count(next(batches)) for _ in range(int(values["train.max_steps"]))]
 
 
 @pytest.mark.parametrize("fmt", ["json", "jsonl"])

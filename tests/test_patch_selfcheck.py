@@ -201,3 +201,23 @@ def test_bf16_logits_get_the_bf16_tolerance(tiny_ckpt: Path, model_and_batch) ->
     model.eval()
     with torch.no_grad():
         assert check_eager_matches_sdpa(model, batch).startswith("max |eager - sdpa| = ")
+
+
+def test_packing_isolation_passes_and_catches_sequences_that_see_each_other(model_and_batch, monkeypatch) -> None:
+    model, batch = model_and_batch
+    report = run_self_check(model, batch, vocab_size=model.get_base_model().config.vocab_size, packing=True)
+    assert report.details["packing_isolation"].startswith("2 packed sequences")
+    assert "packing_isolation" not in run_self_check(model, batch, vocab_size=384).details  # only when packing
+
+    # positions that never restart: transformers then sees one long sequence, and the second
+    # sequence attends to the first
+    real_collate = d.PackingCollator.__call__
+
+    def one_sequence(self, items):
+        packed = real_collate(self, items)
+        packed["position_ids"] = torch.arange(packed["input_ids"].shape[1])[None]
+        return packed
+
+    monkeypatch.setattr(d.PackingCollator, "__call__", one_sequence)
+    with pytest.raises(SelfCheckError, match="packing_isolation.*data.packing=false"):
+        run_self_check(model, batch, vocab_size=384, packing=True)

@@ -12,7 +12,15 @@ from lora_sweep.config import LoraSettings, ModelConfig, TrainConfig
 from lora_sweep.dropout import FastDropout, use_fast_dropout
 from lora_sweep.lora import apply_lora
 from lora_sweep.model import load_model
-from lora_sweep.precision import FP32_SDPA, causal_sdpa_mask, is_right_padded, mixed_precision, register_fp32_sdpa
+from lora_sweep.precision import (
+    CAUSAL_SDPA,
+    FP32_SDPA,
+    causal_sdpa_mask,
+    is_right_padded,
+    mixed_precision,
+    register_causal_sdpa,
+    register_fp32_sdpa,
+)
 from lora_sweep.train import train_loop
 
 CPU = torch.device("cpu")
@@ -106,18 +114,44 @@ def test_fp32_attention_equals_sdpa_in_fp32_and_tracks_it_under_autocast(tiny_ck
     assert float((mixed - sdpa).abs().max()) < 0.1  # only the bf16 matmuls differ
 
 
-def test_fp32_and_eager_models_are_left_alone(tiny_ckpt: Path) -> None:
+def test_eager_models_are_left_alone_and_fp32_sdpa_uses_ours_without_autocast(tiny_ckpt: Path) -> None:
     eager = _model(tiny_ckpt, attn="eager")
     with mixed_precision(eager, "bf16", CPU):
         assert eager.get_base_model().config._attn_implementation == "eager"
     sdpa = _model(tiny_ckpt)
-    with mixed_precision(sdpa, "fp32", CPU) as autocast:
-        assert sdpa.get_base_model().config._attn_implementation == "sdpa"
-        with autocast():
-            assert not torch.is_autocast_enabled("cpu")
+    batch = _batch()
+    real = batch["attention_mask"].bool()
+    with torch.no_grad():
+        reference = sdpa(**batch).logits[real]
+        with mixed_precision(sdpa, "fp32", CPU) as autocast:
+            # ours in fp32 too: the causal kernel for right padding, per-sequence packed attention
+            assert sdpa.get_base_model().config._attn_implementation == FP32_SDPA
+            with autocast():
+                assert not torch.is_autocast_enabled("cpu")
+                ours = sdpa(**batch).logits[real]
+    assert sdpa.get_base_model().config._attn_implementation == "sdpa"
+    assert torch.allclose(ours, reference, atol=1e-5, rtol=1e-5)
     with pytest.raises(ValueError, match="fp32 or bf16"):
         with mixed_precision(sdpa, "fp16", CPU):
             pass
+
+
+def test_gpu_implementation_drops_the_mask_for_right_padding_only(tiny_ckpt: Path) -> None:
+    """CAUSAL_SDPA (what a CUDA trial trains with) is transformers' SDPA with no mask for a
+    right-padded batch, the explicit mask otherwise; checked on the CPU kernels."""
+    register_causal_sdpa()
+    model = _model(tiny_ckpt)
+    base = model.get_base_model()
+    for batch, want in ((_batch(), (False, True)), (_left_padded(_batch()), (True, False))):
+        real = batch["attention_mask"].bool()
+        with torch.no_grad():
+            reference = model(**batch).logits[real]
+            base.set_attn_implementation(CAUSAL_SDPA)
+            with _SdpaMasks() as spy:
+                ours = model(**batch).logits[real]
+            base.set_attn_implementation("sdpa")
+        assert set(spy.seen) == {want}
+        assert torch.allclose(ours, reference, atol=1e-5, rtol=1e-5)
 
 
 def test_attention_implementation_is_restored_when_training_raises(tiny_ckpt: Path) -> None:

@@ -211,3 +211,29 @@ def test_sweep_on_a_cpu_machine_sets_no_device(tmp_path: Path, monkeypatch: pyte
     spawned, seen, console = _sweep(tmp_path, monkeypatch, 2)
     assert [p.env.get("CUDA_VISIBLE_DEVICES") for p in spawned] == [None] and set(seen[1:]) == {"<unset>"}
     assert console.splitlines()[2].endswith("; 2 workers x 8 threads")
+
+
+def test_a_cuda_index_the_worker_cannot_see_is_refused_in_one_line(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A worker pinned to one GPU sees it as cuda:0: `train.device=cuda:1` there is bad input
+    naming CUDA_VISIBLE_DEVICES and the fix, not a CUDA error mid-trial; a malformed index is
+    refused by the config."""
+    import torch
+
+    from lora_sweep.config import TrainConfig
+    from lora_sweep.errors import ConfigError, ModelError
+    from lora_sweep.model import resolve_device
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "3")
+    assert resolve_device("cuda:0") == torch.device("cuda:0") and resolve_device("cuda") == torch.device("cuda")
+    with pytest.raises(ModelError) as err:
+        resolve_device("cuda:1")
+    assert str(err.value) == (
+        "train.device=cuda:1 but 1 CUDA device(s) are visible (CUDA_VISIBLE_DEVICES=3: a sweep worker pinned "
+        "to one GPU sees it as cuda:0); use train.device=auto or cuda"
+    )
+    for bad in ("cuda:x", "cuda:", "cuda:-1", "gpu"):
+        with pytest.raises(ConfigError, match="train.device"):
+            TrainConfig(lr=1e-3, max_steps=10, batch_size=2, device=bad)
+    assert TrainConfig(lr=1e-3, max_steps=10, batch_size=2, device="cuda:7").device == "cuda:7"

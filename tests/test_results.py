@@ -35,7 +35,7 @@ SPEC_COLUMNS = (
     "timestamp_utc, run_id, study_name, trial_number, state, status, reason, model, data, "
     "model.name, model.path, model.attn_implementation, model.dtype, model.trust_remote_code, model.self_check, "
     "data.name, data.path, data.template, data.max_length, data.mask_prompt, data.train_on, "
-    "data.padding, data.group_by_length, "
+    "data.padding, data.group_by_length, data.packing, "
     "data.val_size, data.val_path, data.val_seed, data.eval_max_length, "
     "lora.r, lora.alpha, lora.dropout, lora.target_modules, lora.use_rslora, lora.use_dora, lora.init, "
     "train.lr, train.max_steps, train.batch_size, train.grad_accum_steps, train.seed, "

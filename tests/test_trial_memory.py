@@ -222,3 +222,39 @@ def test_the_loop_leaves_no_optimizer_state_or_gradients(compose_cfg, tiny_ckpt:
         assert all(p.grad is None for group in optimizer.param_groups for p in group["params"])
     finally:
         gc.enable()
+
+
+@pytest.mark.parametrize("where", ["lora_sweep.trial.apply_lora", "lora_sweep.cache.TrialCache.checkout_model"])
+def test_out_of_memory_while_preparing_is_a_failed_trial_with_its_batch_shape(
+    compose_cfg, tiny_ckpt: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, where: str
+) -> None:
+    """Running out of memory before the loop (loading the model onto the device, adding the
+    adapter) ends the trial `failed` with the batch shape in its reason and a result.json, after
+    releasing memory; the next trial in the same process then runs. Any other error still raises."""
+    cache = TrialCache()
+    releases: list[bool] = []
+    release = cache.release
+    monkeypatch.setattr(cache, "release", lambda: releases.append(True) or release())
+
+    def out_of_memory(*args: object, **kwargs: object) -> None:
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 8.00 GiB")
+
+    with monkeypatch.context() as patch:
+        patch.setattr(where, out_of_memory)
+        result = run_trial(_cfg(compose_cfg, tiny_ckpt, tmp_path), tmp_path / "oom", cache=cache)
+    assert result.status == "failed" and releases
+    assert result.reason == (
+        "out of memory (train.batch_size=4 x data.max_length=64): CUDA out of memory. Tried to allocate 8.00 GiB"
+    )
+    recorded = json.loads((tmp_path / "oom" / "result.json").read_text())
+    assert recorded["status"] == "failed" and recorded["reason"] == result.reason
+    assert all(_clean(entry.model) for entry in cache.models)  # no adapter left behind
+    after = run_trial(_cfg(compose_cfg, tiny_ckpt, tmp_path), tmp_path / "next", cache=cache)
+    assert after.status == "success", after.reason
+
+    def broken(*args: object, **kwargs: object) -> None:
+        raise RuntimeError("not memory")
+
+    monkeypatch.setattr(where, broken)
+    with pytest.raises(RuntimeError, match="not memory"):
+        run_trial(_cfg(compose_cfg, tiny_ckpt, tmp_path), tmp_path / "broken", cache=cache)
