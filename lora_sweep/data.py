@@ -323,6 +323,7 @@ class PackingCollator:
         labels = torch.full((len(rows), width), IGNORE_INDEX, dtype=torch.long)
         position_ids = torch.zeros((len(rows), width), dtype=torch.long)
         real = torch.zeros((len(rows), width), dtype=torch.bool)
+        longest = max(len(item["input_ids"]) for item in items)
         for r, row in enumerate(rows):
             start = 0
             for i in row:
@@ -332,7 +333,9 @@ class PackingCollator:
                 position_ids[r, start : start + n] = torch.arange(n)
                 real[r, start : start + n] = True
                 start += n
-            position_ids[r, start:] = torch.arange(width - start)
+            # the tail is a segment of its own; its positions wrap at the longest example, so
+            # they never pass what the examples use (learned position tables, dynamic RoPE)
+            position_ids[r, start:] = torch.arange(width - start) % longest
         return {"input_ids": input_ids, "position_ids": position_ids, "labels": labels, "real_tokens": real}
 
 
@@ -356,6 +359,12 @@ def real_token_count(batch: Mapping[str, torch.Tensor]) -> int:
 PACKED_ROW_TOKENS = 1024
 
 
+def packing_window(batch_size: int) -> int:
+    """How many waiting examples `PackedBatchSampler` looks at per micro-batch: enough for
+    `batch_size` of them with room to choose."""
+    return max(64, 4 * batch_size)
+
+
 def pack_shape(lengths: Sequence[int], *, batch_size: int) -> tuple[int, int]:
     """(rows, width) of a packed micro-batch: the token budget of `batch_size` examples of mean
     length, in as few rows as `PACKED_ROW_TOKENS` allows, every row at least the longest example.
@@ -364,17 +373,23 @@ def pack_shape(lengths: Sequence[int], *, batch_size: int) -> tuple[int, int]:
     meaning; but first-fit leaves a gap at the end of each row, and short examples fill gaps
     more often than long ones, so the width is calibrated: one seeded epoch of the sampler is
     simulated (on at most 4096 of the lengths) and the width scaled by batch_size over the
-    examples per micro-batch it gave, a few times. Uncalibrated rows as long as the longest
+    examples per micro-batch it gave, a few times, by at most 2x in all (a data set smaller than
+    one micro-batch cannot fill it at any width). Uncalibrated rows as long as the longest
     example held 6.3-7 examples of 8 on the sanity samples and the seed tasks.
     """
+    if not lengths:
+        raise ValueError("no examples to pack")
     longest, mean = max(lengths), sum(lengths) / len(lengths)
     budget = max(longest, round(batch_size * mean))
     rows = -(-budget // max(longest, PACKED_ROW_TOKENS))
     width = max(longest, -(-budget // rows))
+    low, high = longest, 2 * width
     sample = list(lengths) if len(lengths) <= 4096 else random.Random(0).sample(list(lengths), 4096)
+    window = packing_window(batch_size)
     for _ in range(4):
-        per_batch = len(sample) / sum(1 for _ in PackedBatchSampler(sample, rows=rows, width=width, seed=0))
-        calibrated = max(longest, round(width * batch_size / per_batch))
+        epoch = PackedBatchSampler(sample, rows=rows, width=width, seed=0, window=window)
+        per_batch = len(sample) / sum(1 for _ in epoch)
+        calibrated = min(high, max(low, round(width * batch_size / per_batch)))
         if calibrated == width:
             break
         width = calibrated
@@ -400,7 +415,7 @@ def make_dataloader(
     lengths = [len(e.input_ids) for e in dataset.examples]
     if packing:
         rows, width = pack_shape(lengths, batch_size=batch_size)
-        packer = PackedBatchSampler(lengths, rows=rows, width=width, seed=seed)
+        packer = PackedBatchSampler(lengths, rows=rows, width=width, seed=seed, window=packing_window(batch_size))
         return DataLoader(dataset, batch_sampler=packer, collate_fn=PackingCollator(collator.pad_token_id, width=width))
     if group_by_length:
         sampler = LengthGroupedBatchSampler(lengths, batch_size, seed=seed)

@@ -450,13 +450,15 @@ def run_trial(
     except Exception as err:
         if not is_out_of_memory(err):
             raise
-        # out of memory before training (the model onto the device, the adapter, the base
-        # model's sample answers): a failed trial like one in the loop, and the worker goes on
-        cache.release()  # whatever the failed load left (`prepare` gave a checked-out model back)
+        # out of memory before training (the model onto the device, the adapter): a failed
+        # trial like one in the loop, and the worker goes on
         result.reason = oom_reason(err, cfg)
-        result.duration_s = time.perf_counter() - start
-        log.error("trial failed: %s", result.reason)
-        write_json(run_dir / "result.json", result.to_json())
+    else:
+        return result
+    cache.release()  # out of the except block: the error's frames no longer hold their tensors
+    result.duration_s = time.perf_counter() - start
+    log.error("trial failed: %s", result.reason)
+    write_json(run_dir / "result.json", result.to_json())
     return result
 
 

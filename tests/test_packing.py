@@ -523,3 +523,30 @@ def test_a_packed_trial_runs_end_to_end(
     real, fed = [int(s["real_tokens"]) for s in steps], [int(s["tokens"]) for s in steps]
     assert all(0 < r <= t for r, t in zip(real, fed, strict=True))
     assert result.real_tokens == sum(real)
+
+
+@pytest.mark.parametrize("batch_size", [96, 256])
+def test_large_batches_are_not_capped_by_the_samplers_window(batch_size: int) -> None:
+    """A batch_size above the sampler's old fixed window of 64 still gets batch_size examples
+    per micro-batch on average (within 7 %), in rows of at most twice the uncalibrated width."""
+    lengths = _lengths(3000, seed=1)
+    rows, width = data_lib.pack_shape(lengths, batch_size=batch_size)
+    sampler = data_lib.PackedBatchSampler(
+        lengths, rows=rows, width=width, seed=3, window=data_lib.packing_window(batch_size)
+    )
+    sizes = [len(batch) for batch in sampler]
+    assert abs(statistics.mean(sizes) / batch_size - 1) <= 0.07, statistics.mean(sizes)
+    assert width <= 2 * data_lib.PACKED_ROW_TOKENS
+
+
+def test_padding_tail_positions_stay_within_the_longest_example() -> None:
+    """The tail of a row is its own segment and its positions wrap at the batch's longest
+    example: never a position the examples do not use (learned position tables, dynamic RoPE)."""
+    items = [{"input_ids": torch.arange(1, n + 1), "labels": torch.arange(1, n + 1)} for n in (5, 5, 2, 3)]
+    batch = data_lib.PackingCollator(0, width=12)(items)  # rows [5, 5, 2] and [3] + a 9-token tail
+    assert batch["position_ids"].tolist() == [
+        [0, 1, 2, 3, 4, 0, 1, 2, 3, 4, 0, 1],
+        [0, 1, 2, 0, 1, 2, 3, 4, 0, 1, 2, 3],
+    ]
+    assert batch["real_tokens"][1].tolist() == [True] * 3 + [False] * 9
+    assert packed_segments(batch["position_ids"]) == [[(0, 5), (5, 10), (10, 12)], [(0, 3), (3, 8), (8, 12)]]
