@@ -317,17 +317,18 @@ class PackingCollator:
         self.pad_token_id, self.width = pad_token_id, width
 
     def __call__(self, items: Sequence[Mapping[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
-        rows = packed_rows([len(item["input_ids"]) for item in items], self.width)
-        width = max(sum(len(items[i]["input_ids"]) for i in row) for row in rows)
+        lengths = [len(item["input_ids"]) for item in items]
+        rows = packed_rows(lengths, self.width)
+        width = max(sum(lengths[i] for i in row) for row in rows)
         input_ids = torch.full((len(rows), width), self.pad_token_id, dtype=torch.long)
         labels = torch.full((len(rows), width), IGNORE_INDEX, dtype=torch.long)
         position_ids = torch.zeros((len(rows), width), dtype=torch.long)
         real = torch.zeros((len(rows), width), dtype=torch.bool)
-        longest = max(len(item["input_ids"]) for item in items)
+        longest = max(lengths)
         for r, row in enumerate(rows):
             start = 0
             for i in row:
-                ids, n = items[i]["input_ids"], len(items[i]["input_ids"])
+                ids, n = items[i]["input_ids"], lengths[i]
                 input_ids[r, start : start + n] = ids
                 labels[r, start + 1 : start + n] = items[i]["labels"][1:]
                 position_ids[r, start : start + n] = torch.arange(n)

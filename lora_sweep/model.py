@@ -218,14 +218,13 @@ def resolve_device(name: str) -> torch.device:
     if name.startswith("cuda") and not torch.cuda.is_available():
         raise ModelError(f"train.device={name} but no CUDA device is visible; use train.device=auto or cpu")
     device = torch.device(name)
-    if device.index is not None and device.index >= torch.cuda.device_count():
+    if device.index is not None and device.index >= (count := torch.cuda.device_count()):
         visible = os.environ.get("CUDA_VISIBLE_DEVICES")
         pinned = (
             f" (CUDA_VISIBLE_DEVICES={visible}: a sweep worker pinned to one GPU sees it as cuda:0)" if visible else ""
         )
         raise ModelError(
-            f"train.device={name} but {torch.cuda.device_count()} CUDA device(s) are visible{pinned}; "
-            "use train.device=auto or cuda"
+            f"train.device={name} but {count} CUDA device(s) are visible{pinned}; use train.device=auto or cuda"
         )
     return device
 

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, cast
 
@@ -52,6 +52,24 @@ def _logit_tolerance(logits: torch.Tensor, *, dtype: torch.dtype) -> float:
     scale = max(1.0, float(logits.abs().max()))
     low_precision = torch.finfo(dtype).eps > torch.finfo(torch.float32).eps
     return (1e-1 if low_precision else 2e-3) * scale
+
+
+def _require_close(
+    check: str,
+    got: torch.Tensor,
+    want: torch.Tensor,
+    *,
+    scale: torch.Tensor,
+    dtype: torch.dtype,
+    failure: Callable[[float, float], str],
+) -> float:
+    """max |got - want|; raises `SelfCheckError(check, failure(diff, tolerance))` above the
+    `_logit_tolerance` of `scale`."""
+    diff = float((got - want).abs().max())
+    tol = _logit_tolerance(scale, dtype=dtype)
+    if not diff <= tol:
+        raise SelfCheckError(check, failure(diff, tol))
+    return diff
 
 
 def check_labels_ignore_padding(batch: Mapping[str, torch.Tensor]) -> str:
@@ -104,14 +122,17 @@ def check_eager_matches_sdpa(model: nn.Module, batch: Mapping[str, torch.Tensor]
         base.set_attn_implementation(configured)
     (sdpa, dtype), (eager, _) = logits["sdpa"], logits["eager"]
     sdpa, eager = sdpa[real], eager[real]
-    diff = float((sdpa - eager).abs().max())
-    tol = _logit_tolerance(sdpa, dtype=dtype)
-    if not diff <= tol:
-        raise SelfCheckError(
-            "eager_matches_sdpa",
+    diff = _require_close(
+        "eager_matches_sdpa",
+        sdpa,
+        eager,
+        scale=sdpa,
+        dtype=dtype,
+        failure=lambda diff, tol: (
             f"eager and SDPA logits differ by {diff:.3g} on real tokens (tolerance {tol:.2g}); "
-            "the key/value head expansion (repeat_kv) or the mask handling is broken",
-        )
+            "the key/value head expansion (repeat_kv) or the mask handling is broken"
+        ),
+    )
     return f"max |eager - sdpa| = {diff:.2g} on {int(real.sum())} real tokens"
 
 
@@ -125,14 +146,17 @@ def check_padding_invariance(model: nn.Module, batch: Mapping[str, torch.Tensor]
     padded = padded[row][real]
     alone = {"input_ids": batch["input_ids"][row][real][None], "attention_mask": mask[row][real][None]}
     unpadded = _logits(model, alone)[0][0]
-    diff = float((padded - unpadded).abs().max())
-    tol = _logit_tolerance(unpadded, dtype=dtype)
-    if not diff <= tol:
-        raise SelfCheckError(
-            "padding_invariance",
+    diff = _require_close(
+        "padding_invariance",
+        padded,
+        unpadded,
+        scale=unpadded,
+        dtype=dtype,
+        failure=lambda diff, tol: (
             f"the most padded row ({n_pad} pads) differs from itself unpadded by {diff:.3g} (tolerance {tol:.2g}); "
-            "the attention mask is misread",
-        )
+            "the attention mask is misread"
+        ),
+    )
     return f"row with {n_pad} pads equals itself unpadded (max diff {diff:.2g})"
 
 
@@ -154,14 +178,17 @@ def check_packing_isolation(model: nn.Module, batch: Mapping[str, torch.Tensor])
     apart = [
         _logits(model, {"input_ids": ids[None], "attention_mask": torch.ones_like(ids)[None]})[0][0] for ids in rows
     ]
-    diff = float((together[0] - torch.cat(apart)).abs().max())
-    tol = _logit_tolerance(together, dtype=dtype)
-    if not diff <= tol:
-        raise SelfCheckError(
-            "packing_isolation",
+    diff = _require_close(
+        "packing_isolation",
+        together[0],
+        torch.cat(apart),
+        scale=together,
+        dtype=dtype,
+        failure=lambda diff, tol: (
             f"two sequences packed in one row differ from each alone by {diff:.3g} (tolerance {tol:.2g}): "
-            "this model does not separate packed sequences by position_ids; set data.packing=false",
-        )
+            "this model does not separate packed sequences by position_ids; set data.packing=false"
+        ),
+    )
     sizes = " + ".join(str(len(ids)) for ids in rows)
     return f"2 packed sequences ({sizes} tokens) equal each alone (max diff {diff:.2g})"
 
