@@ -53,6 +53,7 @@ class CachedModel:
 
     model: nn.Module
     checked: dict[str, str] | None = None
+    label_logits: bool = False  # with `checked`: the loss may read the labelled positions' logits only
     in_use: bool = False
     base_evals: dict[tuple, EvalResult] = field(default_factory=dict)
     base_samples: dict[tuple, list[Answer]] = field(default_factory=dict)  # lora_sweep.samples

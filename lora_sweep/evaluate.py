@@ -4,7 +4,9 @@ Not a mean of batch means: each batch contributes its summed loss and its label-
 so the value does not depend on how the set is batched. Batches are built for speed (sorted by
 length, so little padding; sized by a token budget, larger than training batches since no
 activations are kept for a backward pass; `EVAL_TOKENS_PER_BATCH`) and right-padded, which leaves every real token's
-logits as they are unpadded (a test checks the value against one sequence at a time).
+logits as they are unpadded (a test checks the value against one sequence at a time). Where
+attention runs one causal SDPA per packed sequence (the CPU's, `lora_sweep.precision`), they
+are packed rows instead: no padding at all, and no token attends across sequences.
 """
 
 from __future__ import annotations
@@ -18,7 +20,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from lora_sweep.data import IGNORE_INDEX, Collator, Example
+from lora_sweep.data import Collator, Example, PackingCollator, model_inputs
+from lora_sweep.loss import label_count, loss_sum, summed_loss
 
 EVAL_TOKENS_PER_BATCH = {"cpu": 1024, "cuda": 4096}
 """Padded tokens per evaluation batch by device type. On 2 CPU threads (default model, 40
@@ -37,11 +40,47 @@ class EvalResult:
     seconds: float
 
 
+def _items(examples: Sequence[Example], indices: Sequence[int]) -> list[dict[str, torch.Tensor]]:
+    return [
+        {"input_ids": torch.tensor(examples[i].input_ids), "labels": torch.tensor(examples[i].labels)} for i in indices
+    ]
+
+
+def packed_eval_rows(lengths: Sequence[int], width: int) -> list[list[int]]:
+    """First-fit decreasing: indices of `lengths` grouped into rows of at most `width` tokens (a
+    longer one alone), longest first."""
+    rows: list[list[int]] = []
+    free: list[int] = []
+    for index in sorted(range(len(lengths)), key=lambda i: lengths[i], reverse=True):
+        row = next((r for r, room in enumerate(free) if lengths[index] <= room), None)
+        if row is None:
+            rows.append([])
+            free.append(width)
+            row = len(rows) - 1
+        rows[row].append(index)
+        free[row] -= lengths[index]
+    return rows
+
+
 def eval_batches(
-    examples: Sequence[Example], pad_token_id: int, *, tokens_per_batch: int = EVAL_TOKENS_PER_BATCH["cpu"]
+    examples: Sequence[Example],
+    pad_token_id: int,
+    *,
+    tokens_per_batch: int = EVAL_TOKENS_PER_BATCH["cpu"],
+    packed: bool = False,
 ) -> list[dict[str, torch.Tensor]]:
     """Right-padded batches of the examples sorted longest first, each at most
-    ``tokens_per_batch`` padded tokens (one example per batch when it alone is longer)."""
+    ``tokens_per_batch`` padded tokens (one example per batch when it alone is longer).
+    ``packed``: one packed row per batch instead (`PackingCollator`, `packed_eval_rows`): for
+    attention that runs per packed sequence; under a block mask a row would cost its width squared."""
+    if packed:
+        lengths = [len(e.input_ids) for e in examples]
+        return [
+            PackingCollator(pad_token_id, width=max(tokens_per_batch, *(lengths[i] for i in row)))(
+                _items(examples, row)
+            )
+            for row in packed_eval_rows(lengths, tokens_per_batch)
+        ]
     collate = Collator(pad_token_id, padding_side="right")
     order = sorted(range(len(examples)), key=lambda i: len(examples[i].input_ids), reverse=True)
     batches: list[list[int]] = []
@@ -56,32 +95,7 @@ def eval_batches(
         current.append(index)
     if current:
         batches.append(current)
-    return [
-        collate(
-            [
-                {"input_ids": torch.tensor(examples[i].input_ids), "labels": torch.tensor(examples[i].labels)}
-                for i in batch
-            ]
-        )
-        for batch in batches
-    ]
-
-
-def label_count(labels: torch.Tensor) -> int:
-    """How many labels of a batch are predicted: those != -100 after the first position (no
-    token precedes it). Counted on the tensor's device: a CPU batch costs no device sync."""
-    return int((labels[:, 1:] != IGNORE_INDEX).sum())
-
-
-def loss_sum(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """The sum of next-token cross-entropies over labels != -100 of a [B, S] batch, in fp32,
-    shifted as transformers' ForCausalLMLoss: position i predicts label i + 1, the last
-    position nothing (the labels are shifted and padded, not the logits: fp32 logits are not copied).
-    Differentiable: the training loss is this over the step's `label_count`."""
-    shifted = nn.functional.pad(labels[:, 1:], (0, 1), value=IGNORE_INDEX)
-    return nn.functional.cross_entropy(
-        logits.flatten(0, 1).float(), shifted.flatten(), ignore_index=IGNORE_INDEX, reduction="sum"
-    )
+    return [collate(_items(examples, batch)) for batch in batches]
 
 
 @torch.no_grad()
@@ -91,10 +105,12 @@ def evaluate_loss(
     device: torch.device,
     *,
     autocast: Callable[[], Any] = contextlib.nullcontext,
+    label_logits_only: bool = False,
 ) -> EvalResult:
     """The held-out loss of ``model`` in eval mode (no dropout, no gradients), under the
-    trial's precision (``autocast``: the training loop's per-forward context factory). The
-    model's train/eval mode is restored afterwards."""
+    trial's precision (``autocast``: the training loop's per-forward context factory).
+    ``label_logits_only``: logits of the labelled positions only (`lora_sweep.loss.summed_loss`).
+    The model's train/eval mode is restored afterwards."""
     start = time.perf_counter()
     was_training = model.training
     model.eval()
@@ -102,12 +118,16 @@ def evaluate_loss(
     count = 0
     try:
         for batch in batches:
-            inputs = {k: v.to(device, non_blocking=True) for k, v in batch.items() if k != "labels"}
-            with autocast():
-                logits = model(**inputs).logits
+            inputs = {k: v.to(device, non_blocking=True) for k, v in model_inputs(batch).items()}
             labels = batch["labels"].to(device)
-            for row in range(len(logits)):  # one row at a time: never an fp32 copy of the whole batch's logits
-                total += loss_sum(logits[row : row + 1], labels[row : row + 1]).double()
+            if label_logits_only:
+                with autocast():
+                    total += summed_loss(model, inputs, labels, label_logits_only=True).double()
+            else:
+                with autocast():
+                    logits = model(**inputs, use_cache=False).logits
+                for row in range(len(logits)):  # one row at a time: never an fp32 copy of the whole batch's logits
+                    total += loss_sum(logits[row : row + 1], labels[row : row + 1]).double()
             count += label_count(batch["labels"])  # the CPU batch's: no device sync
     finally:
         model.train(was_training)

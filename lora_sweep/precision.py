@@ -138,6 +138,16 @@ def sdpa_fp32_attention_forward(
     return torch.cat(rows, dim=0).to(query.dtype), None
 
 
+def attends_per_sequence(model: nn.Module, device: torch.device) -> bool:
+    """Whether a packed row costs only its sequences' attention under `mixed_precision`: on the
+    CPU, an SDPA model without a sliding window runs `FP32_SDPA`'s one causal SDPA per packed
+    sequence; elsewhere a packed row attends over its whole width under a block mask."""
+    base: Any = _transformers_model(model)
+    if device.type != "cpu" or base is None or base.config._attn_implementation != "sdpa":
+        return False
+    return getattr(base.config, "sliding_window", None) is None
+
+
 def is_right_padded(attention_mask: torch.Tensor) -> bool:
     """True when no row of a 2-D boolean mask has a real token after a padding position."""
     return not bool((~attention_mask[:, :-1] & attention_mask[:, 1:]).any())

@@ -155,9 +155,9 @@ def generate_answers(
     max_new_tokens: int,
     precision: str = "fp32",
 ) -> list[Answer]:
-    """Greedy answers of `model` to each prompt, one prompt at a time (no padding to get
-    wrong), in eval mode without gradients under `precision`; the model's mode and every RNG
-    are restored."""
+    """Greedy answers of `model` to the prompts, all in one left-padded batch (one decoding step
+    per new token for the lot, not per prompt), in eval mode without gradients under
+    `precision`; the model's mode and every RNG are restored."""
     import torch
 
     from lora_sweep.precision import mixed_precision
@@ -165,36 +165,39 @@ def generate_answers(
     tokenizer = prompts.tokenizer
     eos = tokenizer.eos_token_id
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos
+    if not prompts.prompts:
+        return []
+    width = max(len(p.input_ids) for p in prompts.prompts)
+    ids = torch.full((len(prompts.prompts), width), pad, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for row, prompt in enumerate(prompts.prompts):  # left padding: every prompt ends where decoding starts
+        ids[row, width - len(prompt.input_ids) :] = torch.tensor(prompt.input_ids)
+        mask[row, width - len(prompt.input_ids) :] = 1
     was_training = model.training
     model.eval()
-    answers = []
     try:
         # greedy decoding draws no random numbers; the fork guarantees it for any model's generate
         with (
             torch.random.fork_rng(devices=[device] if device.type == "cuda" else [], device_type=device.type),
             torch.no_grad(),
             mixed_precision(model, precision, device) as autocast,
+            autocast(),
         ):
-            for prompt in prompts.prompts:
-                ids = torch.tensor([prompt.input_ids], device=device)
-                with autocast():
-                    out = model.generate(  # type: ignore[operator]  # a transformers or peft model
-                        input_ids=ids,
-                        attention_mask=torch.ones_like(ids),
-                        do_sample=False,
-                        max_new_tokens=max_new_tokens,
-                        pad_token_id=pad,
-                        eos_token_id=eos,
-                    )
-                new = out[0, ids.shape[1] :].tolist()
-                finished = eos in new
-                if finished:
-                    new = new[: new.index(eos) + 1]
-                answers.append(
-                    Answer(text=tokenizer.decode(new, skip_special_tokens=True), tokens=len(new), finished=finished)
-                )
+            out = model.generate(  # type: ignore[operator]  # a transformers or peft model
+                input_ids=ids.to(device),
+                attention_mask=mask.to(device),
+                do_sample=False,
+                max_new_tokens=max_new_tokens,
+                pad_token_id=pad,
+                eos_token_id=eos,
+            )
     finally:
         model.train(was_training)
+    answers = []
+    for new in out[:, width:].tolist():
+        finished = eos in new
+        new = new[: new.index(eos) + 1] if finished else new  # a finished row is padded after its EOS
+        answers.append(Answer(text=tokenizer.decode(new, skip_special_tokens=True), tokens=len(new), finished=finished))
     return answers
 
 

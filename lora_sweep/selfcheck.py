@@ -5,7 +5,9 @@ key/value expansion (eager and SDPA logits disagree; skipped, saying so, for a m
 SDPA), a misread padding mask (a padded row differs from itself unpadded), padding trained on
 (labels on pad positions), frozen base weights not frozen, a dead adapter (zero lora_B
 gradients), an implausible initial loss, and with packing, sequences that see each other
-(packed rows' logits differ from each sequence alone).
+(packed rows' logits differ from each sequence alone). One check decides a fast path instead
+of guarding one: the loss reads only the labelled positions' logits where the model computes
+exactly those alone (`check_label_logits`), else every position's.
 It runs under a forked RNG, so a trial's results do not depend on whether it ran.
 """
 
@@ -21,12 +23,13 @@ import torch
 from torch import nn
 
 from lora_sweep.data import IGNORE_INDEX
+from lora_sweep.loss import accepts_logits_to_keep, label_logits, label_positions
 from lora_sweep.model import ModelError, supports_sdpa, verify_kv_expansion
 
 # Checks of the base model and the code path (not of the adapter): with lora_B = 0 at init the
 # adapted model computes exactly the base model, so these pass or fail per base model. A
 # trial on a cached base model that already passed them reuses their details (`model_checks`).
-MODEL_LEVEL_CHECKS = ("kv_expansion", "eager_matches_sdpa", "padding_invariance")
+MODEL_LEVEL_CHECKS = ("kv_expansion", "eager_matches_sdpa", "padding_invariance", "label_logits")
 
 
 class SelfCheckError(RuntimeError):
@@ -43,6 +46,7 @@ class SelfCheckReport:
 
     details: dict[str, str] = field(default_factory=dict)
     seconds: float = 0.0
+    label_logits: bool = False  # the loss may ask for the labelled positions' logits only
 
 
 def _logit_tolerance(logits: torch.Tensor, *, dtype: torch.dtype) -> float:
@@ -193,6 +197,33 @@ def check_packing_isolation(model: nn.Module, batch: Mapping[str, torch.Tensor])
     return f"2 packed sequences ({sizes} tokens) equal each alone (max diff {diff:.2g})"
 
 
+def check_label_logits(model: nn.Module, batch: Mapping[str, torch.Tensor]) -> tuple[bool, str]:
+    """Whether the model, asked for the logits of the labelled positions only (`logits_to_keep`
+    with a boolean mask, `lora_sweep.loss.summed_loss`), gives exactly those of its full forward.
+    Never fails a trial: a model without the argument, or a transformers release that reads it
+    otherwise, trains on full logits, and the detail says why."""
+    base = cast(Any, model).get_base_model()  # a peft model
+    if not accepts_logits_to_keep(model):
+        return False, f"full logits: {type(base).__name__}.forward takes no logits_to_keep"
+    keep = label_positions(batch["labels"])
+    full, dtype = _logits(model, batch)
+    want = full[keep]
+    inputs = {k: batch[k] for k in ("input_ids", "attention_mask") if k in batch}
+    try:
+        got = label_logits(model, inputs, keep).float()
+    except (IndexError, RuntimeError, TypeError, ValueError) as err:
+        return False, f"full logits: logits_to_keep with a boolean mask failed ({type(err).__name__}: {err})"
+    if got.shape != want.shape:
+        return False, f"full logits: logits_to_keep gave shape {tuple(got.shape)}, not {tuple(want.shape)}"
+    diff = float((got - want).abs().max()) if len(want) else 0.0
+    tol = _logit_tolerance(want if len(want) else full, dtype=dtype)
+    if not diff <= tol:
+        return False, f"full logits: the labelled positions' logits alone differ by {diff:.3g} (tolerance {tol:.2g})"
+    return True, (
+        f"logits of the {len(want)} labelled positions only, of {keep.numel()} (max diff {diff:.2g} from full logits)"
+    )
+
+
 def check_initial_loss(value: float, vocab_size: int) -> None:
     upper = 2.0 * math.log(vocab_size) + 1.0
     if not math.isfinite(value) or not 1e-3 < value < upper:
@@ -253,12 +284,15 @@ def run_self_check(
     model_checks: Mapping[str, str] | None = None,
     first_backward: bool = True,
     packing: bool = False,
+    cached_label_logits: bool = False,
 ) -> SelfCheckReport:
     """Run every check on the peft-wrapped `model` with a padded probe `batch` already on its device.
 
     `model_checks`: the details of the `MODEL_LEVEL_CHECKS` this base model already passed in
-    this process; they are reported (marked cached) instead of run again. The per-trial checks
-    (labels, trainable parameters, first backward through the fresh adapter) always run;
+    this process; they are reported (marked cached) instead of run again, and
+    `cached_label_logits` (the decision of `check_label_logits`, kept beside them) is taken
+    as given. The per-trial checks (labels, trainable parameters, first backward through the
+    fresh adapter) always run;
     `first_backward=False` leaves the last to the training loop's first step (`FirstStepCheck`).
     `packing`: the trial trains on packed rows; `check_packing_isolation` runs too, through the
     model's configured attention (transformers' block mask from packed positions, what a GPU
@@ -276,6 +310,7 @@ def run_self_check(
             for name in MODEL_LEVEL_CHECKS:
                 detail = model_checks[name]
                 report.details[name] = detail if detail.startswith("cached: ") else f"cached: {detail}"
+            report.label_logits = cached_label_logits
         else:
             try:
                 report.details["kv_expansion"] = verify_kv_expansion(cast(Any, model).get_base_model())
@@ -285,6 +320,7 @@ def run_self_check(
             with torch.no_grad():
                 report.details["eager_matches_sdpa"] = check_eager_matches_sdpa(model, batch)
                 report.details["padding_invariance"] = check_padding_invariance(model, batch)
+                report.label_logits, report.details["label_logits"] = check_label_logits(model, batch)
         if packing:
             model.eval()
             with torch.no_grad():

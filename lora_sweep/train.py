@@ -16,7 +16,8 @@ from torch import nn
 
 from lora_sweep.config import TrainConfig
 from lora_sweep.data import model_inputs, real_token_count
-from lora_sweep.evaluate import EvalResult, label_count, loss_sum
+from lora_sweep.evaluate import EvalResult
+from lora_sweep.loss import label_count, summed_loss
 from lora_sweep.precision import mixed_precision
 
 log = logging.getLogger(__name__)
@@ -105,6 +106,7 @@ def accumulate_gradients(
     *,
     device: torch.device,
     autocast: Callable[[], Any] = contextlib.nullcontext,
+    label_logits_only: bool = False,
 ) -> tuple[torch.Tensor, int]:
     """Forward and backward every micro-batch of one optimizer step, adding to the gradients.
 
@@ -113,13 +115,15 @@ def accumulate_gradients(
     all the step's sequences, not a mean of micro-batch means (which would weigh the tokens of
     a micro-batch with few labels more). Returns (the step's token-weighted mean loss, detached,
     on the device; its label-token count). `micro_batches` are CPU batches, moved one at a time.
+    `label_logits_only`: the model computes logits only where a label is read (`summed_loss`).
     """
     label_tokens = sum(label_count(batch["labels"]) for batch in micro_batches)
     total = torch.zeros((), dtype=torch.float32, device=device)
     for batch in micro_batches:
         inputs = {k: v.to(device, non_blocking=True) for k, v in model_inputs(batch).items()}
-        with autocast():  # no labels given: the model computes no loss of its own; no KV cache in training
-            summed = loss_sum(model(**inputs, use_cache=False).logits, batch["labels"].to(device, non_blocking=True))
+        labels = batch["labels"].to(device, non_blocking=True)
+        with autocast():
+            summed = summed_loss(model, inputs, labels, label_logits_only=label_logits_only)
         (summed / label_tokens).backward()
         total += summed.detach()
     return total / label_tokens, label_tokens
@@ -160,6 +164,7 @@ def train_loop(
     first_step_check: Callable[[nn.Module, float], None] | None = None,
     evaluate: Evaluate | None = None,
     base_eval: EvalResult | None = None,
+    label_logits_only: bool = False,
 ) -> LoopResult:
     """Train the trainable parameters of `model` for `cfg.max_steps` steps.
 
@@ -178,6 +183,8 @@ def train_loop(
     measured by an earlier trial: LoRA's B = 0 at init makes step 0 the base model), every
     `cfg.eval_every` steps and after the last step, before that step's hook sees it. Evaluation
     runs in eval mode and draws no random numbers, so the training steps are the same with it.
+    `label_logits_only`: the forward computes logits only where a label is read
+    (`lora_sweep.loss.summed_loss`; the trial sets it where the self-check verified it).
     """
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = make_optimizer(model, params, cfg)
@@ -211,7 +218,9 @@ def train_loop(
 
             # forward + backward of each micro-batch (cross-entropy summed over the step's labels)
             optimizer.zero_grad(set_to_none=True)
-            loss, _ = accumulate_gradients(model, micro_batches, device=device, autocast=autocast)
+            loss, _ = accumulate_gradients(
+                model, micro_batches, device=device, autocast=autocast, label_logits_only=label_logits_only
+            )
             if step == 1 and first_step_check is not None:
                 first_step_check(model, float(loss))
 

@@ -48,7 +48,7 @@ from lora_sweep.model import (
     resolve_device,
     resolve_model_dir,
 )
-from lora_sweep.precision import allow_tf32, resolve_precision
+from lora_sweep.precision import allow_tf32, attends_per_sequence, resolve_precision
 from lora_sweep.results import COLUMN_DOCS, ResultsError, check_appendable, write_json, write_step_log
 from lora_sweep.samples import SAMPLES_FILENAME, SamplePrompts, prepare_samples, write_samples
 from lora_sweep.selfcheck import MODEL_LEVEL_CHECKS, FirstStepCheck, SelfCheckError, run_self_check
@@ -289,6 +289,7 @@ def warm_up(cfg: RunConfig, cache: TrialCache) -> None:
                     prepared.model, prepared.probe, vocab_size=prepared.vocab_size, first_backward=False
                 )
                 entry.checked = {k: report.details[k] for k in MODEL_LEVEL_CHECKS}
+                entry.label_logits = report.label_logits
     except INPUT_ERRORS:
         raise
     except Exception as err:  # noqa: BLE001 - the first trial records the same error as its failure
@@ -372,6 +373,7 @@ def prepare(cfg: RunConfig, cache: TrialCache) -> Prepared:
                 val_examples,
                 tokenizer.pad_token_id,
                 tokens_per_batch=EVAL_TOKENS_PER_BATCH.get(device.type, EVAL_TOKENS_PER_BATCH["cuda"]),
+                packed=attends_per_sequence(entry.model, device),
             ),
             eval_key=examples_key(val_key, tok_key, cfg.data, eval_length),
             probe_assistant=probe_assistant,
@@ -487,6 +489,7 @@ def _run_prepared(
         (run_dir / "config.yaml").write_text(config_yaml)
     loop = LoopResult(steps=[])
     first_step_check = None
+    label_logits_only = False  # full logits unless the self-check verified the model slices them
     out_of_memory = False
     try:
         if cfg.model.self_check:
@@ -500,9 +503,12 @@ def _run_prepared(
                 model_checks=cached_checks,
                 first_backward=False,
                 packing=cfg.data.packing,
+                cached_label_logits=entry.label_logits,
             )
             if cached_checks is None:
                 entry.checked = {k: report.details[k] for k in MODEL_LEVEL_CHECKS}
+                entry.label_logits = report.label_logits
+            label_logits_only = report.label_logits
             if prepared.probe_assistant is not None:
                 try:
                     report.details["assistant_labels"] = check_assistant_labels(
@@ -517,7 +523,9 @@ def _run_prepared(
         base_eval = prepared.cached.base_evals.get(base_key)
 
         def evaluate(autocast: Any) -> EvalResult:
-            return evaluate_loss(model, prepared.eval_batches, prepared.device, autocast=autocast)
+            return evaluate_loss(
+                model, prepared.eval_batches, prepared.device, autocast=autocast, label_logits_only=label_logits_only
+            )
 
         loop = train_loop(
             model,
@@ -529,6 +537,7 @@ def _run_prepared(
             first_step_check=first_step_check,
             evaluate=evaluate,
             base_eval=base_eval,
+            label_logits_only=label_logits_only,
         )
         if base_eval is None and loop.evals:  # step 0 is the base model (LoRA's B = 0 at init)
             prepared.cached.base_evals[base_key] = EvalResult(loop.evals[0].loss, 0, loop.evals[0].seconds)

@@ -85,6 +85,45 @@ def test_eval_loss_equals_one_sequence_at_a_time(tiny_ckpt: Path) -> None:
     assert abs(sum(means) / len(means) - result.loss) > 1e-4
 
 
+@pytest.mark.parametrize(("packed", "label_logits_only"), [(False, True), (True, False), (True, True)])
+def test_packed_rows_and_label_logits_give_the_padded_loss(
+    tiny_ckpt: Path, packed: bool, label_logits_only: bool
+) -> None:
+    """The trial's fast paths (packed rows under the CPU's per-sequence attention, logits of the
+    labelled positions only) give the plain padded evaluation's loss over the same labels."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from lora_sweep.precision import FP32_SDPA, attends_per_sequence, mixed_precision
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_ckpt)
+    model = AutoModelForCausalLM.from_pretrained(tiny_ckpt, attn_implementation="sdpa")
+    records = [{"instruction": "word " * n, "input": "", "output": "reply " * (n % 5 + 1)} for n in range(1, 30, 3)]
+    examples = tokenize_records(records, tokenizer, template="plain", max_length=64, mask_prompt=True)
+    cpu = torch.device("cpu")
+    assert attends_per_sequence(model, cpu)
+    padded = evaluate_loss(model, eval_batches(examples, tokenizer.pad_token_id, tokens_per_batch=128), cpu)
+    batches = eval_batches(examples, tokenizer.pad_token_id, tokens_per_batch=128, packed=packed)
+    if packed:
+        assert "attention_mask" not in batches[0] and len(batches) < len(examples)  # rows hold several sequences
+        assert sum(int(b["real_tokens"].sum()) for b in batches) == sum(len(e.input_ids) for e in examples)
+    with mixed_precision(model, "fp32", cpu) as autocast:
+        assert model.config._attn_implementation == FP32_SDPA
+        fast = evaluate_loss(model, batches, cpu, autocast=autocast, label_logits_only=label_logits_only)
+    assert fast.label_tokens == padded.label_tokens
+    assert fast.loss == pytest.approx(padded.loss, abs=1e-5)
+
+
+def test_packed_eval_rows_fill_first_fit_decreasing() -> None:
+    from lora_sweep.evaluate import packed_eval_rows
+
+    lengths = [5, 40, 12, 33, 7, 40, 90]
+    rows = packed_eval_rows(lengths, 80)
+    assert sorted(i for row in rows for i in row) == list(range(len(lengths)))
+    assert rows[0] == [6]  # longer than a row: alone
+    assert all(sum(lengths[i] for i in row) <= 80 for row in rows[1:])
+    assert len(rows) == 3  # 90 | 40 40 | 33 12 7 5
+
+
 def test_eval_batches_respect_the_token_budget() -> None:
     examples = [Example(input_ids=tuple(range(n)), labels=tuple(range(n))) for n in (5, 40, 12, 33, 7, 40)]
     batches = eval_batches(examples, 0, tokens_per_batch=80)

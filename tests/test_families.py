@@ -184,7 +184,10 @@ def test_every_family_trains_with_the_defaults(
     checks = result.self_check
     assert checks["kv_expansion"].startswith(fam.kv_expansion), checks["kv_expansion"]
     assert "not verified" not in checks["kv_expansion"]
+    # every family computes the labelled positions' logits alone, equal to its full forward's
+    assert checks["label_logits"].startswith("logits of the "), checks["label_logits"]
     (entry,) = cache.models
+    assert entry.label_logits
     assert entry.model.config._attn_implementation == ("sdpa" if fam.sdpa else "eager")
     if fam.sdpa:
         assert checks["eager_matches_sdpa"].startswith("max |eager - sdpa| = ")

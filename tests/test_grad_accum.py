@@ -12,8 +12,8 @@ import torch
 
 from lora_sweep import data as d
 from lora_sweep.config import LoraSettings, ModelConfig, TrainConfig
-from lora_sweep.evaluate import label_count, loss_sum
 from lora_sweep.lora import apply_lora
+from lora_sweep.loss import label_count, loss_sum
 from lora_sweep.model import load_model
 from lora_sweep.results import read_rows
 from lora_sweep.sweep.space import parse_search_space

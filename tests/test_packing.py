@@ -20,8 +20,8 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from lora_sweep import data as data_lib
 from lora_sweep.config import DataConfig, LoraSettings, ModelConfig, RunConfig
 from lora_sweep.errors import ConfigError
-from lora_sweep.evaluate import label_count, loss_sum
 from lora_sweep.lora import apply_lora
+from lora_sweep.loss import label_count, loss_sum
 from lora_sweep.model import load_model
 from lora_sweep.precision import mixed_precision, packed_segments
 from lora_sweep.train import accumulate_gradients

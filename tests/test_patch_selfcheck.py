@@ -79,9 +79,11 @@ def test_self_check_passes_on_a_correct_pipeline(model_and_batch) -> None:
         "kv_expansion",
         "eager_matches_sdpa",
         "padding_invariance",
+        "label_logits",
         "first_backward",
     }
     assert "n_rep=2" in report.details["kv_expansion"]
+    assert report.label_logits and report.details["label_logits"].startswith("logits of the ")
     assert all(p.grad is None for p in model.parameters())  # leaves no gradients behind
 
 
