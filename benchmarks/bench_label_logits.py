@@ -92,11 +92,21 @@ def main() -> None:
     offline_hub()
     tmp = Path(tempfile.mkdtemp(prefix="bench_label_logits_"))
     large = build_large_vocab_model(tmp / "llama_32k")
-    common = [f"train.max_steps={args.steps}", "train.eval_every=20", "train.sample_prompts=0", "train.save_adapter=none"]
+    common = [
+        f"train.max_steps={args.steps}",
+        "train.eval_every=20",
+        "train.sample_prompts=0",
+        "train.save_adapter=none",
+    ]
     settings = {
         "default": [],
         "default, mask_prompt": ["data.mask_prompt=true"],
-        "32k vocab, mask_prompt": ["model=local", f"model.path={large}", "data.template=alpaca", "data.mask_prompt=true"],
+        "32k vocab, mask_prompt": [
+            "model=local",
+            f"model.path={large}",
+            "data.template=alpaca",
+            "data.mask_prompt=true",
+        ],
     }
     accepts = selfcheck.accepts_logits_to_keep
     print(f"machine: {torch.get_num_threads()} torch threads, torch {torch.__version__}")
@@ -112,7 +122,9 @@ def main() -> None:
             caches = {True: TrialCache(), False: TrialCache()}  # each path keeps its own verdict
             for sliced in (True, False):  # warm both caches (model load, self-check, base evaluation)
                 selfcheck.accepts_logits_to_keep = accepts if sliced else (lambda model: False)
-                run_trial(cfg(*extra, "train.max_steps=6"), tmp / f"warm_{abs(hash(name))}_{sliced}", cache=caches[sliced])
+                run_trial(
+                    cfg(*extra, "train.max_steps=6"), tmp / f"warm_{abs(hash(name))}_{sliced}", cache=caches[sliced]
+                )
             for rnd in range(args.rounds):
                 for sliced in (True, False):
                     selfcheck.accepts_logits_to_keep = accepts if sliced else (lambda model: False)
