@@ -39,35 +39,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 warnings.filterwarnings("ignore")
 
 import torch  # noqa: E402
-
-
-def build_large_vocab_model(out: Path, vocab_size: int = 32_000) -> Path:
-    """A random-init GQA Llama (hidden 256, 4 layers) with `vocab_size` rows and the embedded
-    tokenizer, saved with save_pretrained."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    from lora_sweep.config import ModelConfig
-    from lora_sweep.embedded import TINY_LLAMA_DIR
-    from lora_sweep.model import load_tokenizer
-
-    tokenizer = load_tokenizer(TINY_LLAMA_DIR, ModelConfig(name="tiny_llama", path=None))
-    config = LlamaConfig(
-        vocab_size=vocab_size,
-        hidden_size=256,
-        intermediate_size=688,
-        num_hidden_layers=4,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=1024,
-        tie_word_embeddings=True,
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
-    )
-    torch.manual_seed(0)
-    LlamaForCausalLM(config).save_pretrained(out)
-    tokenizer.save_pretrained(out)
-    return out
+from bench_trial import build_model_dir  # noqa: E402  (the benchmark model builder)
 
 
 def main() -> None:
@@ -91,7 +63,7 @@ def main() -> None:
 
     offline_hub()
     tmp = Path(tempfile.mkdtemp(prefix="bench_label_logits_"))
-    large = build_large_vocab_model(tmp / "llama_32k")
+    large = build_model_dir(tmp / "llama_32k", layers=4, vocab_size=32_000)  # hidden 256, 4 + 2 KV heads of 64
     common = [
         f"train.max_steps={args.steps}",
         "train.eval_every=20",

@@ -225,9 +225,12 @@ def build_model_dir(
     layers: int = 10,
     intermediate: int = 688,
     kv_ratio: int = 2,
+    vocab_size: int | None = None,
 ) -> Path:
     """A random-init GQA Llama with the embedded tokenizer, saved with save_pretrained: by default
     the ~8M-parameter benchmark model (`benchmarks/gpu_check.sh` builds a larger one).
+    `vocab_size`: rows of the embedding and LM head (default: the tokenizer's; more are never
+    fed, but cost their logits as a real vocabulary of that size does).
 
     `hidden` split into heads of `head_dim` (64 as in TinyLlama, SmolLM and Llama 3.2 1B; real
     checkpoints use 64 or 128), with `kv_ratio` times fewer key/value heads than query heads.
@@ -238,7 +241,7 @@ def build_model_dir(
 
     tokenizer = load_tokenizer(TINY_LLAMA_DIR, ModelConfig(name="tiny_llama", path=None))
     config = LlamaConfig(
-        vocab_size=len(tokenizer),
+        vocab_size=vocab_size or len(tokenizer),
         hidden_size=hidden,
         intermediate_size=intermediate,
         num_hidden_layers=layers,

@@ -1,7 +1,7 @@
 """The causal-LM loss of a batch: summed next-token cross-entropy over its labels, in fp32.
 
 `summed_loss` asks the model for the logits of the labelled positions only when it can
-(`label_logits=True`): transformers' `logits_to_keep` with a boolean [B, S] mask projects
+(`label_logits_only=True`): transformers' `logits_to_keep` with a boolean [B, S] mask projects
 just those hidden states onto the vocabulary, so a prompt's tokens, padding and the last
 position cost no LM-head matmul, no [B, S, V] logits and no cross-entropy. The sum is the
 same terms as over full logits (`loss_sum`); whether a model honours the mask is checked
@@ -78,10 +78,12 @@ def summed_loss(
     keep = label_positions(labels)
     logits = label_logits(model, inputs, keep)
     targets = shifted_labels(labels)[keep]
-    total = logits.float().sum() if not len(targets) else None  # no label: 0, still part of the graph
-    for start in range(0, len(targets), LOSS_CHUNK_POSITIONS):
-        chunk = slice(start, start + LOSS_CHUNK_POSITIONS)
-        part = nn.functional.cross_entropy(logits[chunk].float(), targets[chunk], reduction="sum")
-        total = part if total is None else total + part
-    assert total is not None
-    return total
+    if not len(targets):  # no label: 0, still part of the graph (a micro-batch's backward runs)
+        return logits.float().sum()
+    parts = [
+        nn.functional.cross_entropy(
+            logits[i : i + LOSS_CHUNK_POSITIONS].float(), targets[i : i + LOSS_CHUNK_POSITIONS], reduction="sum"
+        )
+        for i in range(0, len(targets), LOSS_CHUNK_POSITIONS)
+    ]
+    return torch.stack(parts).sum()

@@ -22,7 +22,7 @@ from typing import Any, cast
 import torch
 from torch import nn
 
-from lora_sweep.data import IGNORE_INDEX
+from lora_sweep.data import IGNORE_INDEX, model_inputs
 from lora_sweep.loss import accepts_logits_to_keep, label_logits, label_positions
 from lora_sweep.model import ModelError, supports_sdpa, verify_kv_expansion
 
@@ -46,7 +46,7 @@ class SelfCheckReport:
 
     details: dict[str, str] = field(default_factory=dict)
     seconds: float = 0.0
-    label_logits: bool = False  # the loss may ask for the labelled positions' logits only
+    label_logits: bool = False  # the loss may read the labelled positions' logits only (checks not cached)
 
 
 def _logit_tolerance(logits: torch.Tensor, *, dtype: torch.dtype) -> float:
@@ -100,8 +100,7 @@ def check_only_lora_trainable(model: nn.Module) -> str:
 def _logits(model: nn.Module, batch: Mapping[str, torch.Tensor]) -> tuple[torch.Tensor, torch.dtype]:
     """(float32 logits, the dtype the model computed them in): the coarser of the logits' own
     dtype and the base weights' (a model may upcast its logits after a bf16 forward)."""
-    inputs = {k: batch[k] for k in ("input_ids", "attention_mask", "position_ids") if k in batch}
-    logits = model(**inputs, use_cache=False).logits
+    logits = model(**model_inputs(batch), use_cache=False).logits
     wrapped: Any = model  # a peft model (torch types its attributes Tensor | Module)
     base = wrapped.get_base_model() if hasattr(wrapped, "get_base_model") else wrapped
     weights = base.dtype  # a transformers model: its weights' floating dtype
@@ -208,9 +207,8 @@ def check_label_logits(model: nn.Module, batch: Mapping[str, torch.Tensor]) -> t
     keep = label_positions(batch["labels"])
     full, dtype = _logits(model, batch)
     want = full[keep]
-    inputs = {k: batch[k] for k in ("input_ids", "attention_mask") if k in batch}
     try:
-        got = label_logits(model, inputs, keep).float()
+        got = label_logits(model, model_inputs(batch), keep).float()
     except (IndexError, RuntimeError, TypeError, ValueError) as err:
         return False, f"full logits: logits_to_keep with a boolean mask failed ({type(err).__name__}: {err})"
     if got.shape != want.shape:
@@ -284,15 +282,13 @@ def run_self_check(
     model_checks: Mapping[str, str] | None = None,
     first_backward: bool = True,
     packing: bool = False,
-    cached_label_logits: bool = False,
 ) -> SelfCheckReport:
     """Run every check on the peft-wrapped `model` with a padded probe `batch` already on its device.
 
     `model_checks`: the details of the `MODEL_LEVEL_CHECKS` this base model already passed in
-    this process; they are reported (marked cached) instead of run again, and
-    `cached_label_logits` (the decision of `check_label_logits`, kept beside them) is taken
-    as given. The per-trial checks (labels, trainable parameters, first backward through the
-    fresh adapter) always run;
+    this process; they are reported (marked cached) instead of run again (`label_logits`, the
+    decision of `check_label_logits`, is then the caller's to keep beside them). The per-trial
+    checks (labels, trainable parameters, first backward through the fresh adapter) always run;
     `first_backward=False` leaves the last to the training loop's first step (`FirstStepCheck`).
     `packing`: the trial trains on packed rows; `check_packing_isolation` runs too, through the
     model's configured attention (transformers' block mask from packed positions, what a GPU
@@ -310,7 +306,6 @@ def run_self_check(
             for name in MODEL_LEVEL_CHECKS:
                 detail = model_checks[name]
                 report.details[name] = detail if detail.startswith("cached: ") else f"cached: {detail}"
-            report.label_logits = cached_label_logits
         else:
             try:
                 report.details["kv_expansion"] = verify_kv_expansion(cast(Any, model).get_base_model())

@@ -503,12 +503,11 @@ def _run_prepared(
                 model_checks=cached_checks,
                 first_backward=False,
                 packing=cfg.data.packing,
-                cached_label_logits=entry.label_logits,
             )
             if cached_checks is None:
                 entry.checked = {k: report.details[k] for k in MODEL_LEVEL_CHECKS}
                 entry.label_logits = report.label_logits
-            label_logits_only = report.label_logits
+            label_logits_only = entry.label_logits
             if prepared.probe_assistant is not None:
                 try:
                     report.details["assistant_labels"] = check_assistant_labels(
