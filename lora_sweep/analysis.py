@@ -34,6 +34,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import pandas as pd
 
+from lora_sweep.best import recorded
 from lora_sweep.results import (
     COLUMN_DTYPES,
     CSV_COLUMNS,
@@ -200,7 +201,8 @@ def trials_from_study(study: optuna.Study) -> pd.DataFrame:
 
     Returns:
         Columns ``trial_number``, ``state``, ``status``, ``reason``, every parameter, every
-        user attribute (the job's metrics, run directory, worker, overrides), ``value`` (first objective;
+        user attribute (the job's metrics, run directory, worker, overrides), every config
+        value of the job's recorded result, ``value`` (first objective;
         NaN unless COMPLETE) and ``values_<objective>`` for multi-objective studies,
         ``constraint`` (max over the trial's constraints) and ``feasible`` (all constraints
         <= 0; NA without constraints), ``datetime_start``, ``datetime_complete``.
@@ -213,6 +215,8 @@ def trials_from_study(study: optuna.Study) -> pd.DataFrame:
         if ATTR_PENALTY_FOR in trial.user_attrs:
             continue
         row: dict[str, Any] = dict(trial.params)
+        # the config values every trial shares are in the recorded result, not in user attrs
+        row.update((k, v) for k, v in recorded(trial).items() if k.startswith(_CONFIG_PREFIXES))
         row.update((k, v) for k, v in trial.user_attrs.items() if k not in _INTERNAL_ATTRS)
         row["trial_number"] = trial.number
         row["state"] = trial.state.name

@@ -13,6 +13,7 @@ from __future__ import annotations
 import logging
 import shutil
 import sys
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, cast
 
@@ -87,6 +88,8 @@ def run_job(cfg: DictConfig, *, cache: TrialCache) -> dict[str, Any]:
         reporter.record_result(dict(payload, **{PAYLOAD_CSV_KEY: str(csv_path)}))
         crash_point("after_record")
     append_row(csv_path, row)
+    if reporter is not None:  # what the sweeper stores as the trial's user attrs
+        payload = study_attrs(payload, run_cfg, HydraConfig.get().overrides.task)
     samples = result.run_dir / SAMPLES_FILENAME
     if reporter is not None and samples.is_file():  # shown with its trial by optuna-dashboard --artifact-dir
         try:
@@ -109,6 +112,18 @@ def run_job(cfg: DictConfig, *, cache: TrialCache) -> dict[str, Any]:
     if result.status == "failed" and not multirun:
         sys.exit(EXIT_FAILED)
     return payload
+
+
+def study_attrs(payload: dict[str, Any], run_cfg: RunConfig, task_overrides: Sequence[str]) -> dict[str, Any]:
+    """The trial's returned mapping without the config values its overrides did not set.
+
+    The sweeper stores each returned scalar as a user attr, one storage write apiece (~0.7 ms
+    on a journal file: ~90 a trial with the whole row). Config values the trial shares with
+    every other one are the study's `sweep.base_config`, and in its CSV row and recorded job
+    result; what the trial's overrides set (searched or given on the command line) stays."""
+    overridden = {line.split("=", 1)[0].lstrip("+~") for line in task_overrides}
+    shared = set(run_cfg.flat_values()) - overridden
+    return {k: v for k, v in payload.items() if k not in shared}
 
 
 def _pruning_hook(reporter: TrialReporter, run_cfg: RunConfig) -> StepHook:

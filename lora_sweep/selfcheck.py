@@ -30,6 +30,8 @@ from lora_sweep.model import ModelError, supports_sdpa, verify_kv_expansion
 # adapted model computes exactly the base model, so these pass or fail per base model. A
 # trial on a cached base model that already passed them reuses their details (`model_checks`).
 MODEL_LEVEL_CHECKS = ("kv_expansion", "eager_matches_sdpa", "padding_invariance", "label_logits")
+# Also of the base model, but run only for a trial that packs; cached from its first such trial.
+PACKING_CHECK = "packing_isolation"
 
 
 class SelfCheckError(RuntimeError):
@@ -274,6 +276,16 @@ class FirstStepCheck:
         )
 
 
+def _cached(detail: str) -> str:
+    return detail if detail.startswith("cached: ") else f"cached: {detail}"
+
+
+def model_level_details(report: SelfCheckReport) -> dict[str, str]:
+    """The details of the base model's checks in `report` (`MODEL_LEVEL_CHECKS`, and
+    `PACKING_CHECK` when it ran), for `run_self_check(model_checks=...)` on later trials."""
+    return {k: report.details[k] for k in (*MODEL_LEVEL_CHECKS, PACKING_CHECK) if k in report.details}
+
+
 def run_self_check(
     model: nn.Module,
     batch: Mapping[str, torch.Tensor],
@@ -290,7 +302,8 @@ def run_self_check(
     decision of `check_label_logits`, is then the caller's to keep beside them). The per-trial
     checks (labels, trainable parameters, first backward through the fresh adapter) always run;
     `first_backward=False` leaves the last to the training loop's first step (`FirstStepCheck`).
-    `packing`: the trial trains on packed rows; `check_packing_isolation` runs too, through the
+    `packing`: the trial trains on packed rows; `check_packing_isolation` runs too (or is
+    reported from `model_checks` when this base model passed it already), through the
     model's configured attention (transformers' block mask from packed positions, what a GPU
     trains with; the CPU's per-sequence attention, `lora_sweep.precision`, is tested apart).
     Raises `SelfCheckError` naming the first failed check.
@@ -304,8 +317,7 @@ def run_self_check(
         report.details["only_lora_trainable"] = check_only_lora_trainable(model)
         if model_checks is not None and all(k in model_checks for k in MODEL_LEVEL_CHECKS):
             for name in MODEL_LEVEL_CHECKS:
-                detail = model_checks[name]
-                report.details[name] = detail if detail.startswith("cached: ") else f"cached: {detail}"
+                report.details[name] = _cached(model_checks[name])
         else:
             try:
                 report.details["kv_expansion"] = verify_kv_expansion(cast(Any, model).get_base_model())
@@ -316,10 +328,12 @@ def run_self_check(
                 report.details["eager_matches_sdpa"] = check_eager_matches_sdpa(model, batch)
                 report.details["padding_invariance"] = check_padding_invariance(model, batch)
                 report.label_logits, report.details["label_logits"] = check_label_logits(model, batch)
-        if packing:
+        if packing and model_checks is not None and PACKING_CHECK in model_checks:
+            report.details[PACKING_CHECK] = _cached(model_checks[PACKING_CHECK])
+        elif packing:
             model.eval()
             with torch.no_grad():
-                report.details["packing_isolation"] = check_packing_isolation(model, batch)
+                report.details[PACKING_CHECK] = check_packing_isolation(model, batch)
         model.train()
         if first_backward:
             report.details["first_backward"] = check_first_backward(model, batch, vocab_size)

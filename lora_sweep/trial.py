@@ -51,7 +51,7 @@ from lora_sweep.model import (
 from lora_sweep.precision import allow_tf32, attends_per_sequence, resolve_precision
 from lora_sweep.results import COLUMN_DOCS, ResultsError, check_appendable, write_json, write_step_log
 from lora_sweep.samples import SAMPLES_FILENAME, SamplePrompts, prepare_samples, write_samples
-from lora_sweep.selfcheck import MODEL_LEVEL_CHECKS, FirstStepCheck, SelfCheckError, run_self_check
+from lora_sweep.selfcheck import FirstStepCheck, SelfCheckError, model_level_details, run_self_check
 from lora_sweep.split import split_records
 from lora_sweep.sweep.objective import OOM_PREFIX, failure_reason, is_out_of_memory
 from lora_sweep.train import EVAL_LOG_COLUMNS, LoopResult, StepHook, train_loop
@@ -286,9 +286,13 @@ def warm_up(cfg: RunConfig, cache: TrialCache) -> None:
             entry = prepared.cached
             if cfg.model.self_check and entry.checked is None:
                 report = run_self_check(
-                    prepared.model, prepared.probe, vocab_size=prepared.vocab_size, first_backward=False
+                    prepared.model,
+                    prepared.probe,
+                    vocab_size=prepared.vocab_size,
+                    first_backward=False,
+                    packing=cfg.data.packing,
                 )
-                entry.checked = {k: report.details[k] for k in MODEL_LEVEL_CHECKS}
+                entry.checked = model_level_details(report)
                 entry.label_logits = report.label_logits
     except INPUT_ERRORS:
         raise
@@ -505,8 +509,8 @@ def _run_prepared(
                 packing=cfg.data.packing,
             )
             if cached_checks is None:
-                entry.checked = {k: report.details[k] for k in MODEL_LEVEL_CHECKS}
                 entry.label_logits = report.label_logits
+            entry.checked = {**(cached_checks or {}), **model_level_details(report)}
             label_logits_only = entry.label_logits
             if prepared.probe_assistant is not None:
                 try:

@@ -21,7 +21,15 @@ from lora_sweep.model import (
     resolve_model_dir,
     verify_kv_expansion,
 )
-from lora_sweep.selfcheck import SelfCheckError, _logit_tolerance, _logits, check_eager_matches_sdpa, run_self_check
+from lora_sweep.selfcheck import (
+    MODEL_LEVEL_CHECKS,
+    SelfCheckError,
+    _logit_tolerance,
+    _logits,
+    check_eager_matches_sdpa,
+    model_level_details,
+    run_self_check,
+)
 
 CPU = torch.device("cpu")
 
@@ -221,5 +229,10 @@ def test_packing_isolation_passes_and_catches_sequences_that_see_each_other(mode
         return packed
 
     monkeypatch.setattr(d.PackingCollator, "__call__", one_sequence)
+    # a base model that passed it already (a later trial of the sweep) reports it without running it
+    checks = model_level_details(report)
+    again = run_self_check(model, batch, vocab_size=384, packing=True, model_checks=checks)
+    assert again.details["packing_isolation"] == f"cached: {report.details['packing_isolation']}"
+    assert set(checks) == {*MODEL_LEVEL_CHECKS, "packing_isolation"}
     with pytest.raises(SelfCheckError, match="packing_isolation.*data.packing=false"):
         run_self_check(model, batch, vocab_size=384, packing=True)

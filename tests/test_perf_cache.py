@@ -66,6 +66,8 @@ def test_cached_trials_equal_cold_trials(compose_cfg, tiny_ckpt: Path, tmp_path:
     # the model-level checks ran once for this base model; the per-adapter ones every trial
     assert not cold.self_check["eager_matches_sdpa"].startswith("cached")
     assert warm.self_check["eager_matches_sdpa"].startswith("cached: ")
+    assert cold.self_check["packing_isolation"].startswith("2 packed sequences")  # packing: the default
+    assert warm.self_check["packing_isolation"] == f"cached: {cold.self_check['packing_isolation']}"
     assert not warm.self_check["first_backward"].startswith("cached")
     cache.clear()
     assert not cache.models
@@ -145,6 +147,7 @@ def test_warm_up_loads_the_base_model_once_and_changes_no_result(compose_cfg, ti
     warm = run_trial(cfg, tmp_path / "warm", cache=cache)
     assert warm.cache_hit and not cold.cache_hit
     assert warm.self_check["eager_matches_sdpa"].startswith("cached: ")
+    assert warm.self_check["packing_isolation"].startswith("cached: 2 packed sequences")
     assert warm.metrics == cold.metrics and _losses(tmp_path / "warm") == _losses(tmp_path / "cold")
 
 

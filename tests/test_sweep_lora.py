@@ -12,7 +12,9 @@ from pathlib import Path
 
 import optuna
 import pytest
+from omegaconf import OmegaConf
 
+from lora_sweep.best import recorded
 from lora_sweep.results import read_rows
 from lora_sweep.sweep.study import open_storage, progress
 from tests.conftest import REPO, run_cli
@@ -69,9 +71,14 @@ def test_sweep_resume_rows_dashboard_attrs_and_replay(tmp_path: Path) -> None:
         "tokens_per_s",
         "peak_mem_mb",
         "run_dir",
-        "train.seed",
+        "train.max_steps",  # set by the sweep's overrides
+        "lora.alpha",  # set by the trial's
     ):
         assert key in trial.user_attrs, key
+    # a config value every trial shares is the study's base config (and each CSV row), not an attr
+    assert "train.seed" not in trial.user_attrs
+    assert OmegaConf.create(study.user_attrs["sweep.base_config"]).train.seed == 0
+    assert recorded(trial)["train.seed"] == 0  # the recorded job result keeps the whole row
     assert sorted(trial.intermediate_values) == list(range(1, 9))
     assert "sweep.search_space" in study.user_attrs and "sweep.base_config" in study.user_attrs
     # a third run with the same target does nothing
@@ -177,7 +184,8 @@ def test_export_rebuilds_the_csv_from_the_study(tmp_path: Path) -> None:
     exported, written = read_rows(out), read_rows(tmp_path / "lora_tuning_results.csv")
     assert sorted(exported["trial_number"]) == sorted(written["trial_number"])
     merged = exported.merge(written, on="trial_number", suffixes=("_x", "_y"))
-    for col in ("stability_index", "final_loss", "lora.r", "train.lr", "state", "status"):
+    # train.seed and model.name: the same in every trial, so in the recorded result, not in user attrs
+    for col in ("stability_index", "final_loss", "lora.r", "train.lr", "state", "status", "train.seed", "model.name"):
         assert (merged[f"{col}_x"] == merged[f"{col}_y"]).all(), col
     missing = subprocess.run(
         [sys.executable, "-m", "lora_sweep", "export", "--results-dir", str(tmp_path / "nope")],

@@ -353,3 +353,24 @@ def test_tell_writes_each_attr_once_and_rows_stay_whole(tmp_path: Path) -> None:
     frame = trials_from_study(runner.study)
     assert len(frame) == 2 and frame.loc[0, "x"] == trial.params["x"]  # the column comes from the param
     assert frame.loc[0, "steps"] == 3 and frame.loc[0, "status"] == "success"
+
+
+def test_job_returns_only_the_config_values_its_overrides_set(compose_cfg) -> None:
+    """The sweeper stores each returned scalar as a user attr (a storage write apiece): the job
+    returns the metrics and what its overrides set, not the config every trial shares."""
+    from omegaconf import OmegaConf
+
+    from lora_sweep.config import RunConfig
+    from lora_sweep.job import study_attrs
+
+    cfg = RunConfig.from_mapping(OmegaConf.to_container(compose_cfg("lora.r=16"), resolve=True))
+    row = {**cfg.flat_values(), "stability_index": 0.5, "run_dir": "/r", "status": "success"}
+    attrs = study_attrs(row, cfg, ["lora.r=16", "++train.max_steps=9", "results_dir=/x"])
+    assert attrs == {
+        "lora.r": 16,
+        "train.max_steps": cfg.train.max_steps,
+        "stability_index": 0.5,
+        "run_dir": "/r",
+        "status": "success",
+    }
+    assert len(row) - len(attrs) == len(cfg.flat_values()) - 2  # every other config value left out

@@ -3,14 +3,16 @@
 Exported are the trials that count towards ``n_trials``, the same ones whose jobs ran to the
 end: penalty records, stale trials (killed mid-run and re-queued under a new number) and
 interrupted ones (re-queued too) are not. What a row holds beyond its params is whatever the
-job returned (its user attrs); an app keeps only its own columns (``columns``).
+job returned (its recorded result, and its user attrs over it); an app keeps only its own
+columns (``columns``).
 """
 
 from __future__ import annotations
 
-from collections.abc import Collection
+from collections.abc import Collection, Mapping
 from typing import Any
 
+from lora_sweep.sweep.context import ATTR_JOB_RESULT
 from lora_sweep.sweep.study import is_counted
 
 _FINISHED = ("COMPLETE", "PRUNED", "FAIL")
@@ -28,11 +30,11 @@ def trial_rows(study: Any, columns: Collection[str] | None = None) -> list[dict[
     for trial in sorted(study.get_trials(deepcopy=False), key=lambda t: t.number):
         if trial.state.name not in _FINISHED or not is_counted(trial):
             continue
-        row = {
-            key: value
-            for key, value in {**trial.params, **trial.user_attrs}.items()
-            if columns is None or key in columns
-        }
+        job_result = trial.user_attrs.get(ATTR_JOB_RESULT)  # all the job returned; user attrs may hold less
+        recorded = job_result if isinstance(job_result, Mapping) else {}
+        merged = {**recorded, **trial.params, **trial.user_attrs}
+        merged.pop(ATTR_JOB_RESULT, None)
+        row = {key: value for key, value in merged.items() if columns is None or key in columns}
         row.update(study_name=study.study_name, trial_number=trial.number, state=trial.state.name)
         rows.append(row)
     return rows
