@@ -34,7 +34,6 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import pandas as pd
 
-from lora_sweep.best import recorded
 from lora_sweep.results import (
     COLUMN_DTYPES,
     CSV_COLUMNS,
@@ -42,6 +41,7 @@ from lora_sweep.results import (
     STEP_LOG_COLUMNS,
     read_rows,
 )
+from lora_sweep.sweep.context import recorded
 from lora_sweep.sweep.study import ATTR_PENALTY_FOR, JOURNAL_NAME, normalize_storage, open_storage
 from lora_sweep.sweep_hooks import LEARNED_SHARE, learner_bar
 

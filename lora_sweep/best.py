@@ -28,7 +28,7 @@ from typing import Any, cast
 from lora_sweep import adapters
 from lora_sweep.config import RunConfig
 from lora_sweep.errors import InputError
-from lora_sweep.sweep.context import ATTR_JOB_RESULT
+from lora_sweep.sweep.context import recorded
 from lora_sweep.sweep.runner import app_command, launch_prefix
 
 BEST_DIRNAME = "best"
@@ -71,12 +71,6 @@ CARD_METRICS = (
 
 class BestError(InputError):
     """The best trial cannot be exported (no adapter, no config); the message says why and what to do."""
-
-
-def recorded(trial: Any) -> Mapping[str, Any]:
-    """The trial's job result as its job recorded it (every row value), or {}."""
-    value = trial.user_attrs.get(ATTR_JOB_RESULT)
-    return value if isinstance(value, Mapping) else {}
 
 
 def trial_value(trial: Any, key: str) -> Any:

@@ -14,8 +14,9 @@ from typing import TYPE_CHECKING, Any
 
 from lora_sweep import adapters
 from lora_sweep.artifacts import artifact_dir
-from lora_sweep.best import BEST_DIRNAME, BEST_MANIFEST, export_best, recorded, trial_run_dir
+from lora_sweep.best import BEST_DIRNAME, BEST_MANIFEST, export_best, trial_run_dir
 from lora_sweep.results import CSV_COLUMNS, PAYLOAD_CSV_KEY, append_row
+from lora_sweep.sweep.context import recorded
 from lora_sweep.sweep.hooks import SweepHooks
 from lora_sweep.sweep.objective import ObjectiveSpec, outcome_from_return
 from lora_sweep.sweep.study import ATTR_PENALTY_FOR, is_counted

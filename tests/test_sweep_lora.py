@@ -14,8 +14,8 @@ import optuna
 import pytest
 from omegaconf import OmegaConf
 
-from lora_sweep.best import recorded
 from lora_sweep.results import read_rows
+from lora_sweep.sweep.context import recorded
 from lora_sweep.sweep.study import open_storage, progress
 from tests.conftest import REPO, run_cli
 from tests.scale_helpers import SWEEP_TINY

@@ -42,6 +42,12 @@ STUDY_ATTR_PRUNER = "sweep.pruner"
 ATTR_JOB_RESULT = "job_result"
 
 
+def recorded(trial: Any) -> Mapping[str, Any]:
+    """The trial's job result as its job recorded it (every value it returned), or {}."""
+    value = trial.user_attrs.get(ATTR_JOB_RESULT)
+    return value if isinstance(value, Mapping) else {}
+
+
 @dataclass(frozen=True)
 class TrialContext:
     """Where a job's trial lives.

@@ -9,10 +9,10 @@ columns (``columns``).
 
 from __future__ import annotations
 
-from collections.abc import Collection, Mapping
+from collections.abc import Collection
 from typing import Any
 
-from lora_sweep.sweep.context import ATTR_JOB_RESULT
+from lora_sweep.sweep.context import ATTR_JOB_RESULT, recorded
 from lora_sweep.sweep.study import is_counted
 
 _FINISHED = ("COMPLETE", "PRUNED", "FAIL")
@@ -30,9 +30,7 @@ def trial_rows(study: Any, columns: Collection[str] | None = None) -> list[dict[
     for trial in sorted(study.get_trials(deepcopy=False), key=lambda t: t.number):
         if trial.state.name not in _FINISHED or not is_counted(trial):
             continue
-        job_result = trial.user_attrs.get(ATTR_JOB_RESULT)  # all the job returned; user attrs may hold less
-        recorded = job_result if isinstance(job_result, Mapping) else {}
-        merged = {**recorded, **trial.params, **trial.user_attrs}
+        merged = {**recorded(trial), **trial.params, **trial.user_attrs}  # user attrs may hold less
         merged.pop(ATTR_JOB_RESULT, None)
         row = {key: value for key, value in merged.items() if columns is None or key in columns}
         row.update(study_name=study.study_name, trial_number=trial.number, state=trial.state.name)
