@@ -3,16 +3,20 @@
 #   1. a ~100M-parameter random-init Llama (the embedded tokenizer), built in a temp dir;
 #   2. one trial on it with train.precision=auto (bf16 autocast on a bf16 GPU; TF32 on); its
 #      self-check runs first, as in every trial;
-#   3. benchmarks/bench_trial.py (it has no option for a device or a model size: it picks
-#      CUDA when torch sees one and always measures its own ~8M model; one round here);
+#   3. benchmarks/gpu_memory.py on that model: 20 in-process trials of one shape through one
+#      cache (as a sweep worker runs them) with a real out-of-memory trial after the 10th; the
+#      CUDA memory still allocated after each trial and each trial's peak, trial 1 against
+#      trial 20; the OOM trial's status and reason; MFU against an 8192^3 bf16 matmul's rate;
 #   4. a 20-trial default sweep on the embedded model (n_jobs=auto: one worker per visible GPU),
-#      then each trial's peak allocated CUDA memory (`peak_mem_mb` of the results CSV), trial 1
-#      against trial 20, to see that memory does not grow from trial to trial.
+#      each trial's line naming its GPU and its `peak_mem_mb` (results CSV);
+#   5. benchmarks/bench_trial.py, one round (it picks CUDA when torch sees one: the side-by-side
+#      against the tuned HF Trainer on its ~8M model, then MFU on its ~52M model).
 # Ends with a summary block; exit code 1 when a step failed.
 #
 #   benchmarks/gpu_check.sh               # on the GPU machine
 #   benchmarks/gpu_check.sh --cpu-smoke   # a tiny version on the CPU (< 2 min on 2 cores)
-# Environment: PYTHON (default .venv/bin/python), KEEP=1 keeps the temp dir.
+# Environment: PYTHON (default .venv/bin/python), KEEP=1 keeps the temp dir, LOG_DIR: where
+# each step's log goes (default: the temp dir).
 set -euo pipefail
 
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
@@ -29,6 +33,8 @@ fi
 export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 PYTHONUNBUFFERED=1
 TMP=$(mktemp -d -t lora_gpu_check.XXXXXX)
 if [[ "${KEEP:-0}" == 1 ]]; then trap 'echo "kept $TMP"' EXIT; else trap 'rm -rf "$TMP"' EXIT; fi
+LOGS=${LOG_DIR:-$TMP}
+mkdir -p "$LOGS"
 START=$(date +%s)
 declare -a SUMMARY=()
 FAILED=0
@@ -94,7 +100,7 @@ note "model: $PARAMS (random init, embedded tokenizer)"
 echo "== 2. self-check + one trial, train.precision=auto"
 T0=$(date +%s)
 if timeout $(( STEP_TIMEOUT * 2 / 3 )) "$PY" -m lora_sweep model=local "model.path=$MODEL" train.precision=auto \
-    "results_dir=$TMP/single" "${TRIAL_ARGS[@]}" > "$TMP/single.log" 2>&1; then
+    "results_dir=$TMP/single" "${TRIAL_ARGS[@]}" > "$LOGS/single.log" 2>&1; then
   LINE=$("$PY" - "$TMP/single" <<'EOF'
 import json
 import sys
@@ -116,29 +122,32 @@ EOF
   if [[ $SMOKE == 0 && $LINE != *"precision=bf16"* ]]; then fail "the trial did not train in bf16 with train.precision=auto"; fi
   if [[ $LINE != *"status=success"* ]]; then fail "the trial did not succeed"; fi
 else
-  tail -20 "$TMP/single.log"
+  tail -20 "$LOGS/single.log"
   fail "single trial (log above)"
 fi
 
-echo "== 3. benchmarks/bench_trial.py"
-if [[ $SMOKE == 1 ]]; then
-  note "bench_trial: skipped in --cpu-smoke (its --quick alone takes 1-2 min on 2 cores)"
+echo "== 3. memory between trials, a real out-of-memory trial, MFU (benchmarks/gpu_memory.py)"
+T0=$(date +%s)
+MEM_ARGS=(--model "$MODEL" --json "$LOGS/memory.json")
+if [[ $SMOKE == 1 ]]; then MEM_ARGS+=(--cpu-smoke); fi
+if timeout "$STEP_TIMEOUT" "$PY" benchmarks/gpu_memory.py "${MEM_ARGS[@]}" > "$LOGS/memory.log" 2>&1; then
+  note "memory ($(( $(date +%s) - T0 )) s): $(tail -1 "$LOGS/memory.log")"
+  note "throughput: $(grep '^throughput:' "$LOGS/memory.log" | cut -d' ' -f2-)"
 else
-  # no --device / model-size option: it uses CUDA when available, on its own ~8M model
-  if timeout 150 "$PY" benchmarks/bench_trial.py --rounds 1 --steps 22 --sweep-trials 6 > "$TMP/bench.log" 2>&1; then
-    note "bench_trial: $(tail -1 "$TMP/bench.log")"
-  else
-    tail -20 "$TMP/bench.log"
-    fail "bench_trial.py (log above)"
-  fi
+  tail -25 "$LOGS/memory.log"
+  fail "gpu_memory.py (log above)"
 fi
 
 echo "== 4. $SWEEP_TRIALS-trial sweep on the embedded model"
 T0=$(date +%s)
 if timeout "$STEP_TIMEOUT" "$PY" -m lora_sweep -m "hydra.sweeper.n_trials=$SWEEP_TRIALS" \
-    "results_dir=$TMP/sweep" "${SWEEP_ARGS[@]}" > "$TMP/sweep.log" 2>&1; then
-  grep -m1 "target: n_trials" "$TMP/sweep.log" | sed 's/^/   /' || true
-  grep -E "round-robin|GPU [0-9]+ runs" "$TMP/sweep.log" | sed 's/^/   /' || true
+    "results_dir=$TMP/sweep" "${SWEEP_ARGS[@]}" > "$LOGS/sweep.log" 2>&1; then
+  grep -m1 "target: n_trials" "$LOGS/sweep.log" | sed 's/^/   /' || true
+  grep -E "round-robin|GPU [0-9]+ runs" "$LOGS/sweep.log" | sed 's/^/   /' || true
+  if [[ $SMOKE == 0 ]]; then
+    NAMED=$(grep -cE "\] trial +[0-9]+ .*  GPU [0-9A-Za-z-]+  " "$LOGS/sweep.log" || true)
+    note "trial lines naming their GPU: $NAMED of $SWEEP_TRIALS"
+  fi
   MEM=$("$PY" - "$TMP/sweep" <<'EOF'
 import sys
 from pathlib import Path
@@ -169,8 +178,21 @@ EOF
 )
   note "sweep ($(( $(date +%s) - T0 )) s): $MEM"
 else
-  tail -20 "$TMP/sweep.log"
+  tail -20 "$LOGS/sweep.log"
   fail "sweep (log above)"
+fi
+
+echo "== 5. benchmarks/bench_trial.py"
+if [[ $SMOKE == 1 ]]; then
+  note "bench_trial: skipped in --cpu-smoke (its --quick alone takes 1-2 min on 2 cores)"
+else
+  # no --device / model-size option: it uses CUDA when available, on its own ~8M model
+  if timeout 150 "$PY" benchmarks/bench_trial.py --rounds 1 --steps 22 --sweep-trials 6 > "$LOGS/bench.log" 2>&1; then
+    note "bench_trial: $(tail -1 "$LOGS/bench.log")"
+  else
+    tail -20 "$LOGS/bench.log"
+    fail "bench_trial.py (log above)"
+  fi
 fi
 
 echo

@@ -14,7 +14,9 @@ import pytest
 from lora_sweep.sweep.placement import (
     parse_visible_devices,
     pin_this_process,
+    pinned_gpu,
     plan_placement,
+    spawned_worker_gpu,
     visible_gpus,
     worker_env,
 )
@@ -116,6 +118,16 @@ def test_worker_env_pins_one_gpu_and_the_threads() -> None:
     assert pin_this_process(plan_placement(1, gpus=0, cores=2).workers[0], [], environ) and environ == {}
 
 
+def test_the_gpu_a_trial_runs_on_is_named_as_the_user_names_it() -> None:
+    two = plan_placement("auto", gpus=2, cores=16)
+    assert pinned_gpu(two, ["4", "GPU-a1b2"]) == "4" and pinned_gpu(None, []) is None
+    assert pinned_gpu(plan_placement(2, gpus=0, cores=2), []) is None
+    assert spawned_worker_gpu({"CUDA_VISIBLE_DEVICES": "GPU-a1b2"}) == "GPU-a1b2"
+    assert spawned_worker_gpu({"CUDA_VISIBLE_DEVICES": " 3 "}) == "3"
+    for unpinned in ({}, {"CUDA_VISIBLE_DEVICES": ""}, {"CUDA_VISIBLE_DEVICES": "0,1"}, {"CUDA_VISIBLE_DEVICES": "-1"}):
+        assert spawned_worker_gpu(unpinned) is None, unpinned
+
+
 class _FakeProc:
     def __init__(self, cmd: list[str], env: dict[str, str], **_: Any) -> None:
         self.cmd, self.env = cmd, env
@@ -189,6 +201,8 @@ def test_sweep_on_two_gpus_pins_each_worker(tmp_path: Path, monkeypatch: pytest.
     assert seen[0] == "threads=8" and set(seen[1:]) == {"2"}  # worker 0: its own GPU before its first job
     assert os.environ["CUDA_VISIBLE_DEVICES"] == "2,3"  # and the sweep's value back afterwards
     assert "; 2 workers x 8 threads, GPU 2 and GPU 3" in console
+    trial_lines = [line for line in console.splitlines() if "/4] trial" in line]
+    assert len(trial_lines) == 4 and all("  GPU 2  x=" in line for line in trial_lines), console  # where each ran
 
 
 def test_sweep_round_robin_through_the_gpu_count(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -211,6 +225,7 @@ def test_sweep_on_a_cpu_machine_sets_no_device(tmp_path: Path, monkeypatch: pyte
     spawned, seen, console = _sweep(tmp_path, monkeypatch, 2)
     assert [p.env.get("CUDA_VISIBLE_DEVICES") for p in spawned] == [None] and set(seen[1:]) == {"<unset>"}
     assert console.splitlines()[2].endswith("; 2 workers x 8 threads")
+    assert "GPU" not in console  # no device column on the CPU
 
 
 def test_a_cuda_index_the_worker_cannot_see_is_refused_in_one_line(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -109,6 +109,7 @@ class TrialRow:
         status: The job's status (``success``, ``pruned``, ``diverged``, ``failed``, ...).
         reason: Why it was pruned or failed ('' otherwise).
         violated: The constraints above 0 of a COMPLETE trial (it is infeasible).
+        gpu: The GPU its worker was pinned to ('' on the CPU or unpinned).
     """
 
     number: int
@@ -119,6 +120,7 @@ class TrialRow:
     status: str = ""
     reason: str = ""
     violated: dict[str, float] = field(default_factory=dict)
+    gpu: str = ""
 
     @classmethod
     def from_trial(cls, trial: Any, *, metric_names: Sequence[str], fixed: Collection[str] = ()) -> TrialRow:
@@ -144,6 +146,7 @@ class TrialRow:
             status=str(attrs.get(study_mod.ATTR_STATUS) or ""),
             reason=reason,
             violated={k: v for k, v in trial.constraints.items() if v > 0} if state == "COMPLETE" else {},
+            gpu=str(attrs.get(study_mod.ATTR_GPU) or ""),
         )
 
 
@@ -184,9 +187,10 @@ def _row_text(row: TrialRow, metric_names: Sequence[str], number_width: int) -> 
     width = sum(len(n) + 1 + _VALUE_WIDTH for n in names) + 2 * max(0, len(names) - 1)
     short = short_names(list(row.params))
     params = " ".join(f"{short[k]}={v}" for k, v in row.params.items()) or "-"
+    device = f"  GPU {row.gpu}" if row.gpu else ""  # where a pinned worker ran it
     text = (
         f"trial {row.number:>{number_width}} {row.state:<8} {values:<{width}} "
-        f"{format_duration(row.duration_s):>6}  {params}"
+        f"{format_duration(row.duration_s):>6}{device}  {params}"
     )
     why = _why(row)
     return f"{text}  ({why})" if why else text

@@ -141,6 +141,20 @@ def worker_env(slot: WorkerSlot, visible: Sequence[str], base: Mapping[str, str]
     return env
 
 
+def pinned_gpu(placement: Placement | None, visible: Sequence[str]) -> str | None:
+    """The GPU worker 0's trials run on, as the user names it (its ``CUDA_VISIBLE_DEVICES``
+    entry), or None when the plan gives it none (a CPU machine, no placement)."""
+    gpu = placement.slot(0).gpu if placement is not None else None
+    return None if gpu is None else str(visible[gpu])
+
+
+def spawned_worker_gpu(environ: Mapping[str, str] | None = None) -> str | None:
+    """The GPU a spawned worker was pinned to (`worker_env` gave it exactly one), else None."""
+    value = (os.environ if environ is None else environ).get(CUDA_VISIBLE_DEVICES, "").strip()
+    devices = parse_visible_devices(value) if value else []
+    return devices[0] if len(devices) == 1 else None
+
+
 def pin_this_process(slot: WorkerSlot, visible: Sequence[str], environ: Any = None) -> bool:
     """Give this process (worker 0, which runs its jobs in-process) its GPU: sets
     ``CUDA_VISIBLE_DEVICES`` before its first job. Returns False when CUDA was already

@@ -65,7 +65,9 @@ from lora_sweep.sweep.placement import (
     Placement,
     parse_n_jobs,
     pin_this_process,
+    pinned_gpu,
     plan_placement,
+    spawned_worker_gpu,
     visible_gpus,
     worker_env,
 )
@@ -398,6 +400,7 @@ class SweepRunner:
         self.interrupted: list[int] = []  # trials this process recorded as interrupted (Ctrl-C)
         self.previous_sigint: Any = None  # the SIGINT handler to restore after a Ctrl-C
         self._relays: list[threading.Thread] = []  # copy the spawned workers' output to the console
+        self._gpu: str | None = None  # the GPU this process's trials run on, when placement pinned one
 
     # ----------------------------------------------------------------- setup
     def _app_config(self) -> Any:
@@ -566,6 +569,8 @@ class SweepRunner:
             trial.set_user_attr("job_dir", str(sweep_dir / subdir))
         hidden = self._hidden_overrides(trial._trial_id, trial.number, subdir)
         trial.set_user_attr(study_mod.ATTR_WORKER, study_mod.worker_tag())
+        if self._gpu is not None:
+            trial.set_user_attr(study_mod.ATTR_GPU, self._gpu)
         trial.set_user_attr(ATTR_OVERRIDES, shlex.join(task_overrides))
         log.debug("[trial %d] %s", trial.number, " ".join(task_overrides) or "(no overrides)")
         return trial, task_overrides + hidden
@@ -812,6 +817,7 @@ class SweepRunner:
         else:
             batch_size = 1
         visible_before = os.environ.get(CUDA_VISIBLE_DEVICES)  # put back at the end (an in-process caller sweeps again)
+        self._gpu = pinned_gpu(placement, visible) if leader else spawned_worker_gpu()
         if placement is not None and leader and not pin_this_process(placement.slot(0), visible):
             log.debug("CUDA was initialised before the sweep: worker 0 keeps its device (cuda:0, GPU 0 of the plan)")
         self._prime_job_configs()

@@ -45,6 +45,7 @@ JOURNAL_NAME = "optuna_journal.log"
 ATTR_STATUS = "status"
 ATTR_REASON = "reason"
 ATTR_WORKER = "worker"
+ATTR_GPU = "gpu"  # the GPU a pinned worker ran the trial on (its CUDA_VISIBLE_DEVICES entry)
 ATTR_STALE = "stale"
 ATTR_PENALTY_FOR = "penalty_for_trial"
 ATTR_INTERRUPTED = "interrupted"
