@@ -99,7 +99,7 @@ def main() -> None:
     parser.add_argument("--model", type=Path, required=True, help="a checkpoint directory (model=local)")
     parser.add_argument("--trials", type=int, default=20)
     parser.add_argument("--oom-after", type=int, default=10, help="the OOM trial runs after this many trials")
-    parser.add_argument("--oom-batch", type=int, default=2048, help="rows of the OOM trial's batch")
+    parser.add_argument("--oom-batch", type=int, default=4096, help="rows of the OOM trial's batch")
     parser.add_argument("--max-length", type=int, default=512)
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--steps", type=int, default=30)

@@ -158,6 +158,7 @@ def merge_adapter(cfg: RunConfig, adapter: Path, out: Path) -> None:
         dtype=getattr(torch, cfg.model.dtype),
         local_files_only=True,
         trust_remote_code=cfg.model.trust_remote_code,
+        use_kernels=False,  # no compiled code from the Hub (see lora_sweep.model.load_model)
     )
     merged = cast(Any, PeftModel.from_pretrained(base, str(adapter))).merge_and_unload()
     merged.save_pretrained(str(out))

@@ -188,6 +188,10 @@ def load_model(model_dir: Path, cfg: ModelConfig, device: torch.device) -> nn.Mo
             attn_implementation=_load_attn_implementation(config, cfg, expected),
             local_files_only=True,
             trust_remote_code=cfg.trust_remote_code,
+            # transformers >= 5.2x kernelizes by default wherever `kernels` is installed (it is one
+            # of its own dependencies): compiled code fetched from the Hub on a GPU at model.train(),
+            # remote code the user did not ask for, and a ValueError offline
+            use_kernels=False,
         )
     except (OSError, ValueError, KeyError) as err:
         raise ModelError(f"cannot load a causal LM from {model_dir}: {first_line(err)}") from err

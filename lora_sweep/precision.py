@@ -25,6 +25,12 @@ from torch import nn
 # see BENCHMARKS.md. Below this many base-model parameters `auto` keeps fp32 on the CPU.
 BF16_CPU_MIN_PARAMS = 4_000_000
 
+# On a GPU a small model's step is bound by kernel launches, and autocast adds a cast per op:
+# the default trial (8 packed rows of 512 tokens) on an H200 ran bf16/fp32 (fp32 with TF32
+# matmuls) at 0.39x with 101M parameters, 0.88x with 273M, 1.57x with 725M (log-linear
+# crossing ~340M; benchmarks/gpu_precision.py, BENCHMARKS.md). Below this `auto` keeps fp32.
+BF16_CUDA_MIN_PARAMS = 350_000_000
+
 # The attention implementation name registered with transformers for fp32 SDPA under autocast.
 FP32_SDPA = "lora_sweep_sdpa_fp32"
 # transformers' SDPA attention unchanged, with `causal_sdpa_mask` (a GPU's training forward).
@@ -44,14 +50,15 @@ def choose_precision(
 ) -> str:
     """The decision of `resolve_precision`, from the device's capabilities (pure).
 
-    `auto`: bf16 on a CUDA device that supports it (`cuda_bf16`: Ampere and newer); on the CPU
-    only with native bf16 matmuls (`cpu_bf16`) and a model of at least `BF16_CPU_MIN_PARAMS`
-    parameters (tiny models lose to per-op cast overhead); else fp32. `fp32`/`bf16` as given.
+    `auto`: bf16 on a CUDA device that supports it (`cuda_bf16`: Ampere and newer) for a model
+    of at least `BF16_CUDA_MIN_PARAMS` parameters (fp32 with TF32 matmuls below); on the CPU
+    only with native bf16 matmuls (`cpu_bf16`) and at least `BF16_CPU_MIN_PARAMS` parameters;
+    else fp32. Smaller models lose to autocast's per-op casts. `fp32`/`bf16` as given.
     """
     if precision != "auto":
         return precision
     if device_type == "cuda":
-        return "bf16" if cuda_bf16 else "fp32"
+        return "bf16" if cuda_bf16 and n_params >= BF16_CUDA_MIN_PARAMS else "fp32"
     if device_type == "cpu" and cpu_bf16:
         return "bf16" if n_params >= BF16_CPU_MIN_PARAMS else "fp32"
     return "fp32"

@@ -343,6 +343,30 @@ def test_loaders_pass_the_configured_trust_remote_code_and_stay_local(
     assert [(k["trust_remote_code"], k["local_files_only"]) for k in seen] == [(trust, True)] * 3
 
 
+def test_models_load_without_hub_kernels() -> None:
+    """transformers 5 kernelizes by default where `kernels` is installed (a dependency of its
+    own): on a GPU `model.train()` then fetches compiled code from the Hub, or fails offline.
+    Every model load of ours turns that off."""
+    import re
+
+    import torch
+
+    from lora_sweep.config import ModelConfig
+    from lora_sweep.embedded import TINY_LLAMA_DIR
+    from lora_sweep.model import load_model
+
+    model = load_model(TINY_LLAMA_DIR, ModelConfig(name="tiny_llama", path=None), torch.device("cpu"))
+    model.train()
+    assert model.use_kernels is False
+    loads = 0
+    for path in SOURCES:
+        for call in re.findall(r"AutoModelForCausalLM\.from_pretrained\((?:[^()]|\([^()]*\))*\)", path.read_text()):
+            if "local_files_only=True" in call:  # a load of ours, not a docstring's or a printed snippet's
+                assert "use_kernels=False" in call, (path, call)
+                loads += 1
+    assert loads == 2  # lora_sweep.model.load_model, lora_sweep.best (merging an adapter)
+
+
 def test_no_pickle_loading_and_weights_load_safely() -> None:
     import re
 

@@ -8,14 +8,15 @@ import torch
 
 from lora_sweep.config import ModelConfig
 from lora_sweep.errors import ConfigError
-from lora_sweep.precision import BF16_CPU_MIN_PARAMS, allow_tf32, choose_precision
+from lora_sweep.precision import BF16_CPU_MIN_PARAMS, BF16_CUDA_MIN_PARAMS, allow_tf32, choose_precision
 
 
 @pytest.mark.parametrize(
     "device_type,caps,expected",
     [
-        ("cuda", {"cuda_bf16": True}, "bf16"),  # Ampere and newer (A100, H100, H200)
-        ("cuda", {"cuda_bf16": False}, "fp32"),  # e.g. a V100 or T4: no bf16
+        ("cuda", {"cuda_bf16": True, "n_params": BF16_CUDA_MIN_PARAMS}, "bf16"),  # Ampere and newer (A100, H200)
+        ("cuda", {"cuda_bf16": True, "n_params": BF16_CUDA_MIN_PARAMS - 1}, "fp32"),  # launch-bound: TF32 wins
+        ("cuda", {"cuda_bf16": False, "n_params": 10**9}, "fp32"),  # e.g. a V100 or T4: no bf16
         ("cpu", {"cpu_bf16": True, "n_params": BF16_CPU_MIN_PARAMS}, "bf16"),
         ("cpu", {"cpu_bf16": True, "n_params": BF16_CPU_MIN_PARAMS - 1}, "fp32"),  # tiny: casts cost more
         ("cpu", {"cpu_bf16": False, "n_params": 10**9}, "fp32"),
