@@ -18,7 +18,8 @@
 #   benchmarks/gpu_check.sh               # on the GPU machine
 #   benchmarks/gpu_check.sh --cpu-smoke   # a tiny version on the CPU (< 2 min on 2 cores)
 # Environment: PYTHON (default .venv/bin/python), KEEP=1 keeps the temp dir, LOG_DIR: where
-# each step's log goes (default: the temp dir).
+# each step's log goes (default: the temp dir). On a GPU machine without network whose image
+# has torch but not the rest: benchmarks/device_wheels.sh (here) makes the wheels to carry.
 set -euo pipefail
 
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
