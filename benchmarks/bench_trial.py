@@ -65,7 +65,7 @@ from lora_sweep.cache import TrialCache  # noqa: E402
 from lora_sweep.config import LoraSettings, ModelConfig, RunConfig, TrainConfig  # noqa: E402
 from lora_sweep.lora import apply_lora  # noqa: E402
 from lora_sweep.model import load_model, load_tokenizer, offline_hub  # noqa: E402
-from lora_sweep.precision import resolve_precision  # noqa: E402
+from lora_sweep.precision import cpu_supports_bf16, resolve_precision  # noqa: E402
 from lora_sweep.train import train_loop  # noqa: E402
 
 SEED_TASKS_ENV = "LORA_SWEEP_SEED_TASKS"  # the real seed tasks, reached only through an explicit path
@@ -636,14 +636,16 @@ LARGE = {"hidden": 768, "layers": 8, "intermediate": 2048, "kv_ratio": 2}  # ~52
 
 
 def large_mfu(comp: Callable, tmp: Path, data_path: Path, steps: int, device: torch.device, cache: TrialCache) -> None:
-    """Our default trial on a ~52M-parameter Llama (`LARGE`), bf16 (auto) and fp32, with MFU
-    against the fp32 and bf16 matmul ceilings of the model's own shapes, measured between them."""
+    """Our default trial on a ~52M-parameter Llama (`LARGE`) in fp32 and, where the device has
+    native bf16, in bf16 (the line `auto` would pick is marked), with MFU against the fp32 and
+    bf16 matmul ceilings of the model's own shapes, measured between them."""
     from transformers import AutoConfig
 
     model_dir = build_model_dir(tmp / "llama_large", **LARGE)
     model_cfg = AutoConfig.from_pretrained(model_dir)
     base = load_model(model_dir, ModelConfig(name="local", path=str(model_dir)), device)
     n_params = sum(p.numel() for p in base.parameters())
+    auto = resolve_precision("auto", device, base)
     del base
     h, inter, kv = model_cfg.hidden_size, model_cfg.intermediate_size, h_kv(model_cfg)
     t = 2048
@@ -660,11 +662,16 @@ def large_mfu(comp: Callable, tmp: Path, data_path: Path, steps: int, device: to
     defaults = comp()
     mode = batching_mode(bool(defaults.data.group_by_length), bool(defaults.data.packing))
     flops = batching_flops(examples, data_lib.Collator(tokenizer.pad_token_id), mode, steps, model_cfg)
-    for tag, extra in (("auto", ()), ("fp32", ("train.precision=fp32",))):
+    # each precision the device runs natively, whatever `auto` picks at this size (on a GPU it
+    # keeps fp32 below precision.BF16_CUDA_MIN_PARAMS; the bf16 row shows what that gives up)
+    native_bf16 = torch.cuda.is_bf16_supported() if device.type == "cuda" else cpu_supports_bf16()
+    for tag in ("fp32", "bf16") if native_bf16 else ("fp32",):
+        extra = (f"train.precision={tag}",)
         run = run_ours(comp, model_dir, data_path, steps, results, f"large_{tag}", *extra, cache=cache)
         gflops = flops / run.seconds / 1e9
         print(
-            f"  {n_params / 1e6:.1f}M params, precision {tag} -> {run.precision}: {run.tps:.0f} real tok/s, "
+            f"  {n_params / 1e6:.1f}M params, {run.precision}{' (auto)' if tag == auto else ''}: "
+            f"{run.tps:.0f} real tok/s, "
             f"{gflops:.0f} GFLOP/s = MFU {gflops / ceilings[run.precision]:.1%} of the {run.precision} ceiling "
             f"({ceilings[run.precision]:.0f} GFLOP/s; fp32 {ceilings['fp32']:.0f}, bf16 {ceilings['bf16']:.0f})"
         )

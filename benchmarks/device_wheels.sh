@@ -2,12 +2,13 @@
 # Wheels for running benchmarks/gpu_check.sh on a GPU machine that has torch and CUDA but no
 # network: the project's dependencies that such an image lacks (optuna, hydra-core, ...) or has
 # at other versions (transformers, peft, huggingface_hub), at the versions of this checkout's
-# .venv, for CPython 3.12 on x86-64. On the GPU machine (the wheels carried beside the checkout):
+# .venv, for the GPU machine's Python (PYVER, default 3.12) on x86-64. On the GPU machine (the
+# wheels carried beside the checkout):
 #
 #   python3 -m pip install -q --no-index --no-deps --target /tmp/site .whl/*.whl
 #   PYTHONPATH=/tmp/site:$PWD PYTHON=python3 LOG_DIR=/tmp/logs benchmarks/gpu_check.sh
 #
-#   benchmarks/device_wheels.sh [DIR]     # default DIR: .whl (about 30 MB)
+#   [PYVER=3.12] benchmarks/device_wheels.sh [DIR]     # default DIR: .whl (about 30 MB)
 # First used 2026-12-04 on an H200 image with torch 2.11 (BENCHMARKS.md "GPU: one NVIDIA H200").
 set -euo pipefail
 
@@ -34,7 +35,7 @@ for pin in "${PINS[@]}"; do
   if [[ $pin == antlr4-python3-runtime==* ]]; then  # published as an sdist only: build its (pure) wheel
     "$PY" -m pip wheel --quiet --no-deps -w "$OUT" "$pin"
   else
-    "$PY" -m pip download --quiet --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+    "$PY" -m pip download --quiet --no-deps --only-binary=:all: --python-version "${PYVER:-3.12}" --implementation cp \
       "${PLATFORMS[@]}" -d "$OUT" "$pin"
   fi
 done

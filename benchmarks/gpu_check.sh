@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# One-GPU check of lora_sweep (issue 17), no downloads, under 8 minutes on one H200:
+# One-GPU check of lora_sweep (issue 17), no downloads, ~7 minutes on one H200:
 #   1. a ~100M-parameter random-init Llama (the embedded tokenizer), built in a temp dir;
 #   2. one trial on it in bf16 autocast (train.precision=bf16; TF32 on); its self-check runs
 #      first, as in every trial;
@@ -22,6 +22,7 @@
 # has torch but not the rest: benchmarks/device_wheels.sh (here) makes the wheels to carry.
 set -euo pipefail
 
+if [[ -n "${LOG_DIR:-}" && "$LOG_DIR" != /* ]]; then LOG_DIR="$PWD/$LOG_DIR"; fi  # relative to where it was started
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 SMOKE=0
 case "${1:-}" in
@@ -57,7 +58,7 @@ else
   TRIAL_ARGS=(train.max_steps=40 data.max_length=512)
   SWEEP_TRIALS=20
   SWEEP_ARGS=()
-  STEP_TIMEOUT=180  # per step; all six took 6.5 min on an H200 (2026-12-04)
+  STEP_TIMEOUT=180  # per step: the six took ~6.5 min on an H200 (2026-12-04); 13 min if all time out
   nvidia-smi --query-gpu=index,name,memory.total --format=csv,noheader || echo "(no nvidia-smi)"
 fi
 
@@ -149,8 +150,9 @@ if timeout "$STEP_TIMEOUT" "$PY" -m lora_sweep -m "hydra.sweeper.n_trials=$SWEEP
   grep -m1 "target: n_trials" "$LOGS/sweep.log" | sed 's/^/   /' || true
   grep -E "round-robin|GPU [0-9]+ runs" "$LOGS/sweep.log" | sed 's/^/   /' || true
   if [[ $SMOKE == 0 ]]; then
-    NAMED=$(grep -cE "\] trial +[0-9]+ .*  GPU [0-9A-Za-z-]+  " "$LOGS/sweep.log" || true)
+    NAMED=$(grep -cE "\] trial +[0-9]+ .*  (GPU [0-9]+|GPU-[0-9a-f]+|MIG-[0-9a-f]+)  " "$LOGS/sweep.log" || true)
     note "trial lines naming their GPU: $NAMED of $SWEEP_TRIALS"
+    if [[ $NAMED != "$SWEEP_TRIALS" ]]; then fail "not every trial line names the GPU it ran on"; fi
   fi
   MEM=$("$PY" - "$TMP/sweep" <<'EOF'
 import sys

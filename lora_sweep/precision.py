@@ -27,9 +27,11 @@ BF16_CPU_MIN_PARAMS = 4_000_000
 
 # On a GPU a small model's step is bound by kernel launches, and autocast adds a cast per op:
 # the default trial (8 packed rows of 512 tokens) on an H200 ran bf16/fp32 (fp32 with TF32
-# matmuls) at 0.39x with 101M parameters, 0.88x with 273M, 1.57x with 725M (log-linear
-# crossing ~340M; benchmarks/gpu_precision.py, BENCHMARKS.md). Below this `auto` keeps fp32.
-BF16_CUDA_MIN_PARAMS = 350_000_000
+# matmuls) at 0.39x with 101M parameters, 0.88x with 273M, 1.57x with 725M, each bf16 trial
+# the first bf16 work of its process (a bias against it); a warmed-up bf16 run at 102M gave
+# 0.62x. The crossing lies at ~280-340M (BENCHMARKS.md "GPU: one NVIDIA H200"). Below this
+# `auto` keeps fp32 (TF32 matmuls).
+BF16_CUDA_MIN_PARAMS = 300_000_000
 
 # The attention implementation name registered with transformers for fp32 SDPA under autocast.
 FP32_SDPA = "lora_sweep_sdpa_fp32"

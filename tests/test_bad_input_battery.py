@@ -343,21 +343,35 @@ def test_loaders_pass_the_configured_trust_remote_code_and_stay_local(
     assert [(k["trust_remote_code"], k["local_files_only"]) for k in seen] == [(trust, True)] * 3
 
 
-def test_models_load_without_hub_kernels() -> None:
+def test_models_load_without_hub_kernels(compose_cfg, monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     """transformers 5 kernelizes by default where `kernels` is installed (a dependency of its
     own): on a GPU `model.train()` then fetches compiled code from the Hub, or fails offline.
     Every model load of ours turns that off."""
     import re
 
     import torch
+    import transformers
+    from omegaconf import OmegaConf
 
-    from lora_sweep.config import ModelConfig
+    from lora_sweep.best import merge_adapter
+    from lora_sweep.config import ModelConfig, RunConfig
     from lora_sweep.embedded import TINY_LLAMA_DIR
     from lora_sweep.model import load_model
 
     model = load_model(TINY_LLAMA_DIR, ModelConfig(name="tiny_llama", path=None), torch.device("cpu"))
     model.train()
     assert model.use_kernels is False
+    seen: list[dict[str, object]] = []
+
+    def fake_from_pretrained(*args: object, **kwargs: object) -> object:
+        seen.append(kwargs)
+        raise OSError("stop here")
+
+    monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained", fake_from_pretrained)
+    with pytest.raises(OSError, match="stop here"):  # merging an adapter (lora-sweep best --merge)
+        cfg = RunConfig.from_mapping(OmegaConf.to_container(compose_cfg(f"results_dir={tmp_path}"), resolve=True))
+        merge_adapter(cfg, tmp_path / "adapter", tmp_path / "merged")
+    assert [k.get("use_kernels") for k in seen] == [False]
     loads = 0
     for path in SOURCES:
         for call in re.findall(r"AutoModelForCausalLM\.from_pretrained\((?:[^()]|\([^()]*\))*\)", path.read_text()):

@@ -118,6 +118,14 @@ def test_worker_env_pins_one_gpu_and_the_threads() -> None:
     assert pin_this_process(plan_placement(1, gpus=0, cores=2).workers[0], [], environ) and environ == {}
 
 
+def test_a_gpu_is_labelled_by_index_or_short_uuid() -> None:
+    from lora_sweep.sweep.console import gpu_label
+
+    assert gpu_label("3") == "GPU 3"
+    assert gpu_label("GPU-8f3c1a2b-0000-1111-2222-333344445555") == "GPU-8f3c1a2b"
+    assert gpu_label("MIG-a1b2c3d4-e5f6") == "MIG-a1b2c3d4"
+
+
 def test_the_gpu_a_trial_runs_on_is_named_as_the_user_names_it() -> None:
     two = plan_placement("auto", gpus=2, cores=16)
     assert pinned_gpu(two, ["4", "GPU-a1b2"]) == "4" and pinned_gpu(None, []) is None
@@ -194,6 +202,7 @@ def _sweep(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, n_jobs: Any) -> tupl
 
 def test_sweep_on_two_gpus_pins_each_worker(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "2,3")  # counted as given; restored after the test
+    monkeypatch.setattr("lora_sweep.sweep.runner.cuda_in_use", lambda: True)  # as after a job trained on it
     spawned, seen, console = _sweep(tmp_path, monkeypatch, "auto")
     (worker1,) = spawned
     assert worker1.env["CUDA_VISIBLE_DEVICES"] == "3" and worker1.env["OMP_NUM_THREADS"] == "8"
@@ -216,6 +225,9 @@ def test_sweep_round_robin_through_the_gpu_count(tmp_path: Path, monkeypatch: py
     assert "CUDA_VISIBLE_DEVICES" not in os.environ
     assert "; 3 workers x 5 threads, GPU 0 and GPU 1" in console
     assert "[lora_sweep] 3 workers on 2 GPUs: round-robin, GPU 0 runs 2 workers" in console
+    # the jobs never initialised CUDA here (as with train.device=cpu): no trial line claims a GPU
+    trial_lines = [line for line in console.splitlines() if "/4] trial" in line]
+    assert len(trial_lines) == 4 and not any("GPU" in line for line in trial_lines), console
 
 
 def test_sweep_on_a_cpu_machine_sets_no_device(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -180,6 +180,11 @@ def _why(row: TrialRow) -> str:
     return why if len(why) <= REASON_CHARS else why[: REASON_CHARS - 3] + "..."
 
 
+def gpu_label(gpu: str) -> str:
+    """``GPU 3`` for an index; a UUID entry (``GPU-...``, ``MIG-...``) cut to 12 characters."""
+    return gpu[:12] if gpu.startswith(("GPU-", "MIG-")) else f"GPU {gpu}"
+
+
 def _row_text(row: TrialRow, metric_names: Sequence[str], number_width: int) -> str:
     """``trial N STATE values duration params (why)``, in columns."""
     names = list(metric_names) or list(row.values)
@@ -187,7 +192,7 @@ def _row_text(row: TrialRow, metric_names: Sequence[str], number_width: int) -> 
     width = sum(len(n) + 1 + _VALUE_WIDTH for n in names) + 2 * max(0, len(names) - 1)
     short = short_names(list(row.params))
     params = " ".join(f"{short[k]}={v}" for k, v in row.params.items()) or "-"
-    device = f"  GPU {row.gpu}" if row.gpu else ""  # where a pinned worker ran it
+    device = f"  {gpu_label(row.gpu)}" if row.gpu else ""  # where a pinned worker ran it
     text = (
         f"trial {row.number:>{number_width}} {row.state:<8} {values:<{width}} "
         f"{format_duration(row.duration_s):>6}{device}  {params}"

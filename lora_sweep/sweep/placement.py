@@ -141,6 +141,17 @@ def worker_env(slot: WorkerSlot, visible: Sequence[str], base: Mapping[str, str]
     return env
 
 
+def cuda_in_use() -> bool:
+    """Whether this process has initialised CUDA (torch imported and a device used), without
+    importing torch: a job pinned to a GPU may still have trained on the CPU
+    (`train.device=cpu`, or a `CUDA_VISIBLE_DEVICES` exported on a machine without one)."""
+    torch = sys.modules.get("torch")
+    try:
+        return bool(torch is not None and torch.cuda.is_initialized())
+    except AttributeError:  # a stub or partial torch
+        return False
+
+
 def pinned_gpu(placement: Placement | None, visible: Sequence[str]) -> str | None:
     """The GPU worker 0's trials run on, as the user names it (its ``CUDA_VISIBLE_DEVICES``
     entry), or None when the plan gives it none (a CPU machine, no placement)."""
@@ -165,11 +176,7 @@ def pin_this_process(slot: WorkerSlot, visible: Sequence[str], environ: Any = No
         return True
     env = os.environ if environ is None else environ
     env[CUDA_VISIBLE_DEVICES] = str(visible[slot.gpu])
-    torch = sys.modules.get("torch")
-    try:
-        return not (torch is not None and torch.cuda.is_initialized())
-    except AttributeError:  # a stub or partial torch
-        return True
+    return not cuda_in_use()
 
 
 def parse_visible_devices(value: str) -> list[str]:

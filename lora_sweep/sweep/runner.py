@@ -63,6 +63,7 @@ from lora_sweep.sweep.objective import (
 from lora_sweep.sweep.placement import (
     CUDA_VISIBLE_DEVICES,
     Placement,
+    cuda_in_use,
     parse_n_jobs,
     pin_this_process,
     pinned_gpu,
@@ -569,8 +570,6 @@ class SweepRunner:
             trial.set_user_attr("job_dir", str(sweep_dir / subdir))
         hidden = self._hidden_overrides(trial._trial_id, trial.number, subdir)
         trial.set_user_attr(study_mod.ATTR_WORKER, study_mod.worker_tag())
-        if self._gpu is not None:
-            trial.set_user_attr(study_mod.ATTR_GPU, self._gpu)
         trial.set_user_attr(ATTR_OVERRIDES, shlex.join(task_overrides))
         log.debug("[trial %d] %s", trial.number, " ".join(task_overrides) or "(no overrides)")
         return trial, task_overrides + hidden
@@ -593,6 +592,8 @@ class SweepRunner:
         from optuna.trial import TrialState
 
         attrs = {**outcome.user_attrs, study_mod.ATTR_STATUS: outcome.status, study_mod.ATTR_REASON: outcome.reason}
+        if self._gpu is not None and cuda_in_use():  # the plan's GPU, if the job did train on one
+            attrs[study_mod.ATTR_GPU] = self._gpu
         params = trial.params
         for key, value in attrs.items():  # each one an fsync'd storage write: none twice
             if key not in params or params[key] != value:  # a param's own value is already shown
