@@ -304,11 +304,59 @@ def test_journal_storage_is_kept_per_process_until_the_file_is_replaced(tmp_path
     assert fresh is not first and fresh.get_all_studies() == []
 
 
-def test_tell_writes_each_attr_once_and_rows_stay_whole(tmp_path: Path) -> None:
+def test_batched_writes_are_one_append_and_survive_an_error(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import os
+
+    path = str(tmp_path / "journal.log")
+    study = optuna.create_study(study_name="s", storage=study_mod.open_storage(path))
+    trial = study.ask()
+    fsyncs: list[int] = []
+    real_fsync = os.fsync
+    monkeypatch.setattr(study_mod.os, "fsync", lambda fd: (fsyncs.append(fd), real_fsync(fd))[1])
+    lines = len(Path(path).read_text().splitlines())
+    with pytest.raises(RuntimeError, match="mid-block"), study_mod.batched_writes(path):
+        for i in range(5):
+            trial.set_user_attr(f"a{i}", i)
+        assert len(Path(path).read_text().splitlines()) == lines and not fsyncs  # held until the block ends
+        raise RuntimeError("mid-block")
+    assert len(fsyncs) == 1 and len(Path(path).read_text().splitlines()) == lines + 5  # one append, five records
+    assert study.trials[0].user_attrs == {f"a{i}": i for i in range(5)}
+    with study_mod.batched_writes(str(tmp_path / "other.log")):  # another storage: written at once
+        trial.set_user_attr("b", 1)
+    assert len(fsyncs) == 2
+
+
+def test_a_ctrl_c_inside_a_journal_write_is_held_until_it_ends() -> None:
+    import os
+    import signal
+
+    steps: list[str] = []
+    with pytest.raises(KeyboardInterrupt):  # Python's default handler, after the block
+        with study_mod.sigint_deferred():
+            os.kill(os.getpid(), signal.SIGINT)
+            steps.append("after the signal, still inside")
+    assert steps == ["after the signal, still inside"]
+    calls: list[int] = []
+    previous = signal.signal(signal.SIGINT, lambda signum, frame: calls.append(signum))
+    try:
+        with study_mod.sigint_deferred():
+            os.kill(os.getpid(), signal.SIGINT)
+            assert calls == []
+        assert calls == [signal.SIGINT]  # the handler in place acts on it once, afterwards
+        with study_mod.sigint_deferred():
+            pass
+        assert calls == [signal.SIGINT] and signal.getsignal(signal.SIGINT) is not signal.default_int_handler
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
+def test_tell_writes_each_attr_once_and_rows_stay_whole(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """Every user attr is an fsync'd journal record: `tell` writes `status`/`reason` once (not
     from the job's row and again), and not a key whose value the trial already has as a param;
-    the exported row still has every column."""
+    the trial's attrs at ask and at tell go out in one journal append each; the exported row
+    still has every column."""
     import json
+    import os
 
     from hydra.core.utils import JobReturn, JobStatus
     from omegaconf import OmegaConf
@@ -341,10 +389,16 @@ def test_tell_writes_each_attr_once_and_rows_stay_whole(tmp_path: Path) -> None:
     runner = SweepRunner(
         settings=settings, config=config, launcher=FakeLauncher(), argv=["app.py"], is_basic_launcher=False
     )
+    fsyncs: list[int] = []
+    real_fsync = os.fsync
+    monkeypatch.setattr(study_mod.os, "fsync", lambda fd: (fsyncs.append(fd), real_fsync(fd))[1])
     assert runner.run([]).finished == 2
     records = [json.loads(line) for line in (tmp_path / "j.log").read_text().splitlines()]
     written = [(r["trial_id"], key) for r in records if "user_attr" in r and "trial_id" in r for key in r["user_attr"]]
     assert len(written) == len(set(written))  # no attr written twice
+    attr_records = sum(1 for r in records if "user_attr" in r and "trial_id" in r)
+    assert attr_records >= 2 * 6  # job_dir, worker, overrides at ask; score, status, reason, steps at tell
+    assert len(fsyncs) <= len(records) - attr_records + 2 * 2  # each trial's attrs: one append at ask, one at tell
     assert not any(key == "x" for _, key in written)  # the param itself
     trial = runner.study.trials[0]
     assert trial.user_attrs["status"] == "success" and trial.user_attrs["steps"] == 3

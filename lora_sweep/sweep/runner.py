@@ -560,17 +560,18 @@ class SweepRunner:
         trial = self.study.ask(fixed_distributions=dict(self.space.distributions))
         task_overrides = self._task_overrides(trial)
         subdir = None
-        if self._subdir_is_default():
-            subdir = str(trial.number)
-            sweep_dir = Path(self._sweep_dir())
-            k = 1
-            while (sweep_dir / subdir).exists():  # never overwrite an old job dir
-                subdir = f"{trial.number}_rerun{k}"
-                k += 1
-            trial.set_user_attr("job_dir", str(sweep_dir / subdir))
+        with study_mod.batched_writes(self.storage):  # the trial's first attrs: one journal append
+            if self._subdir_is_default():
+                subdir = str(trial.number)
+                sweep_dir = Path(self._sweep_dir())
+                k = 1
+                while (sweep_dir / subdir).exists():  # never overwrite an old job dir
+                    subdir = f"{trial.number}_rerun{k}"
+                    k += 1
+                trial.set_user_attr("job_dir", str(sweep_dir / subdir))
+            trial.set_user_attr(study_mod.ATTR_WORKER, study_mod.worker_tag())
+            trial.set_user_attr(ATTR_OVERRIDES, shlex.join(task_overrides))
         hidden = self._hidden_overrides(trial._trial_id, trial.number, subdir)
-        trial.set_user_attr(study_mod.ATTR_WORKER, study_mod.worker_tag())
-        trial.set_user_attr(ATTR_OVERRIDES, shlex.join(task_overrides))
         log.debug("[trial %d] %s", trial.number, " ".join(task_overrides) or "(no overrides)")
         return trial, task_overrides + hidden
 
@@ -595,12 +596,14 @@ class SweepRunner:
         if self._gpu is not None and cuda_in_use():  # the plan's GPU, if the job did train on one
             attrs[study_mod.ATTR_GPU] = self._gpu
         params = trial.params
-        for key, value in attrs.items():  # each one an fsync'd storage write: none twice
-            if key not in params or params[key] != value:  # a param's own value is already shown
-                trial.set_user_attr(key, value)
+        with study_mod.batched_writes(self.storage):  # one journal append for them all, before tell reads them
+            for key, value in attrs.items():
+                if key not in params or params[key] != value:  # a param's own value is already shown
+                    trial.set_user_attr(key, value)
+            if outcome.state == "complete":
+                for name, value in outcome.constraints.items():
+                    trial.set_constraint(name, value)
         if outcome.state == "complete":
-            for name, value in outcome.constraints.items():
-                trial.set_constraint(name, value)
             self.study.tell(trial, outcome.values)
         elif outcome.state == "pruned":
             self.study.tell(trial, state=TrialState.PRUNED)

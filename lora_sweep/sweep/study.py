@@ -28,13 +28,16 @@ FAIL without a penalty, its params re-queued, not counted), ``requeued_from_tria
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import functools
 import math
 import os
+import signal
 import socket
+import threading
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal, cast
@@ -143,6 +146,29 @@ def _drop_torn_tail(path: str) -> int:
     return dropped
 
 
+@contextlib.contextmanager
+def sigint_deferred() -> Iterator[None]:
+    """Hold a Ctrl-C (SIGINT) that arrives inside the block until it ends, then act on it as
+    the handler in place would have. Around the journal's lock: Optuna's symlink lock, hit by
+    a KeyboardInterrupt while it waits, releases the lock it does not hold (another process's),
+    and one hit inside its release leaves the lock file for the others to wait out (30 s).
+    Only the main thread has signal handlers; elsewhere the block runs as it is."""
+    if threading.current_thread() is not threading.main_thread() or signal.getsignal(signal.SIGINT) is None:
+        yield  # None: a handler installed outside Python, which could not be put back
+        return
+    caught: list[Any] = []
+    previous = signal.signal(signal.SIGINT, lambda signum, frame: caught.append(frame))
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+        if caught:
+            if callable(previous):  # Python's default (KeyboardInterrupt), or the sweep's own
+                previous(signal.SIGINT, caught[0])
+            elif previous == signal.SIG_DFL:
+                os.kill(os.getpid(), signal.SIGINT)
+
+
 @functools.cache
 def _repairing_backend_class() -> type:
     """Optuna's journal file backend whose appends first drop a torn last record.
@@ -150,6 +176,8 @@ def _repairing_backend_class() -> type:
     Left in place, a record torn by a writer killed mid-append (a multi-page write can be cut
     short by SIGKILL, or by a power loss) would be glued to the next record, and the journal
     would no longer load in any process. The check costs one 1-byte read per append.
+
+    Inside `batched()` appends are held and written as one at its end (see `batched_writes`).
     """
     import json
 
@@ -158,7 +186,25 @@ def _repairing_backend_class() -> type:
     from lora_sweep.sweep.faults import torn_write
 
     class RepairingJournalFileBackend(JournalFileBackend):
+        _pending: list[dict[str, Any]] | None = None
+
+        @contextlib.contextmanager
+        def batched(self) -> Iterator[None]:
+            if self._pending is not None:  # nested: the outer block writes them
+                yield
+                return
+            self._pending = []
+            try:
+                yield
+            finally:  # an error inside still writes what the caller was told was written
+                pending, self._pending = self._pending, None
+                if pending:
+                    self.append_logs(pending)
+
         def append_logs(self, logs: list[dict[str, Any]]) -> None:
+            if self._pending is not None:
+                self._pending.extend(logs)
+                return
             payload = ("\n".join(json.dumps(log, separators=(",", ":")) for log in logs) + "\n").encode("utf-8")
 
             def write(data: bytes) -> None:
@@ -168,12 +214,13 @@ def _repairing_backend_class() -> type:
                     os.fsync(handle.fileno())
 
             torn_write("journal_write", write, payload)  # crash tests only (not under the lock)
-            self._lock.acquire()
-            try:
-                _drop_torn_tail(self._file_path)
-                write(payload)
-            finally:
-                self._lock.release()
+            with sigint_deferred():
+                self._lock.acquire()
+                try:
+                    _drop_torn_tail(self._file_path)
+                    write(payload)
+                finally:
+                    self._lock.release()
 
     return RepairingJournalFileBackend
 
@@ -200,8 +247,9 @@ def open_storage(storage: str, engine_kwargs: dict[str, Any] | None = None) -> A
         if cached_journal is not None and _inode(storage) == cached_journal[0]:
             return cached_journal[1]  # the same file (not deleted or replaced since)
         Path(storage).parent.mkdir(parents=True, exist_ok=True)
-        journal = JournalStorage(_repairing_backend_class()(storage))
-        _JOURNALS[key] = (_inode(storage), journal)
+        backend = _repairing_backend_class()(storage)
+        journal = JournalStorage(backend)
+        _JOURNALS[key] = (_inode(storage), journal, backend)
         return journal
     cached = _STORAGES.get(key)
     if cached is not None:
@@ -224,7 +272,22 @@ def open_storage(storage: str, engine_kwargs: dict[str, Any] | None = None) -> A
 
 
 _STORAGES: dict[tuple[int, str, str], Any] = {}
-_JOURNALS: dict[tuple[int, str, str], tuple[int | None, Any]] = {}
+_JOURNALS: dict[tuple[int, str, str], tuple[int | None, Any, Any]] = {}
+
+
+@contextlib.contextmanager
+def batched_writes(storage: str) -> Iterator[None]:
+    """This process's writes to the journal `storage` (as `open_storage` opened it) inside the
+    block go out as one locked, fsync'd append at its end: a trial's ~50 user attrs cost one
+    append instead of ~50 (0.6-0.8 ms each), and a process killed in the middle leaves none of
+    them rather than some. Reads inside the block do not see them yet: write only, then leave
+    the block before reading (`study.tell` reads the trial back). A no-op for an RDB storage."""
+    pid = os.getpid()
+    backends = [entry[2] for (owner, name, _), entry in _JOURNALS.items() if owner == pid and name == storage]
+    with contextlib.ExitStack() as stack:
+        for backend in backends:
+            stack.enter_context(backend.batched())
+        yield
 
 
 def _inode(path: str) -> int | None:
