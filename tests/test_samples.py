@@ -5,12 +5,14 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
 from omegaconf import OmegaConf
 
 from lora_sweep import data as data_lib
+from lora_sweep import samples as samples_mod
 from lora_sweep.cache import TrialCache
 from lora_sweep.config import RunConfig
 from lora_sweep.model import load_model, load_tokenizer, resolve_model_dir
@@ -103,7 +105,9 @@ def _base_models_own(cfg: RunConfig) -> tuple[list[str], list[str]]:
 
 
 @pytest.mark.parametrize("init", ["default", "pissa"])
-def test_base_answers_are_the_base_models_own(compose_cfg, tiny_ckpt: Path, tmp_path: Path, init: str) -> None:
+def test_base_answers_are_the_base_models_own(
+    compose_cfg, tiny_ckpt: Path, tmp_path: Path, init: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
     # PiSSA moves part of each targeted weight into the adapter: the model with its adapter
     # disabled is not the base model, so the base answers must come from before the adapter.
     # A learning rate high enough that the trained answers differ from the base model's.
@@ -120,9 +124,17 @@ def test_base_answers_are_the_base_models_own(compose_cfg, tiny_ckpt: Path, tmp_
     # the next trial of the same cache reuses them: the base model answers once per cached model
     entry = cache.models[0]
     assert [[a.text for a in answers] for answers in entry.base_samples.values()] == [own]
+    generated: list[bool] = []  # whether each generation ran on the bare base model
+    real_generate = samples_mod.generate_answers
+
+    def counting(model: torch.nn.Module, *args: Any, **kwargs: Any) -> Any:
+        generated.append(model is entry.model)
+        return real_generate(model, *args, **kwargs)
+
+    monkeypatch.setattr(samples_mod, "generate_answers", counting)
     again = run_trial(cfg, tmp_path / "again", cache=cache)
     assert [line["base_answer"] for line in _samples(again)] == own
-    assert len(entry.base_samples) == 1 and again.sample_seconds < result.sample_seconds
+    assert len(entry.base_samples) == 1 and generated == [False]  # only the trained model answered
 
 
 def test_instruction_prompts_are_the_training_prompts(tiny_ckpt: Path) -> None:
