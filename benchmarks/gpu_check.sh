@@ -202,9 +202,9 @@ else
 fi
 
 echo "== 6. bf16 autocast against fp32 (TF32) by model size (benchmarks/gpu_precision.py)"
-if [[ $SMOKE == 1 ]]; then
-  note "precision by size: skipped in --cpu-smoke"
-elif timeout 150 "$PY" benchmarks/gpu_precision.py > "$LOGS/precision.log" 2>&1; then
+PRECISION_ARGS=()
+if [[ $SMOKE == 1 ]]; then PRECISION_ARGS+=(--cpu-smoke); fi
+if timeout 150 "$PY" benchmarks/gpu_precision.py "${PRECISION_ARGS[@]}" > "$LOGS/precision.log" 2>&1; then
   while read -r line; do note "precision: $line"; done < <(grep "bf16/fp32" "$LOGS/precision.log")
 else
   tail -20 "$LOGS/precision.log"
