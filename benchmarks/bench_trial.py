@@ -65,7 +65,7 @@ from lora_sweep.cache import TrialCache  # noqa: E402
 from lora_sweep.config import LoraSettings, ModelConfig, RunConfig, TrainConfig  # noqa: E402
 from lora_sweep.lora import apply_lora  # noqa: E402
 from lora_sweep.model import load_model, load_tokenizer, offline_hub  # noqa: E402
-from lora_sweep.precision import cpu_supports_bf16, resolve_precision  # noqa: E402
+from lora_sweep.precision import native_bf16, resolve_precision  # noqa: E402
 from lora_sweep.train import train_loop  # noqa: E402
 
 SEED_TASKS_ENV = "LORA_SWEEP_SEED_TASKS"  # the real seed tasks, reached only through an explicit path
@@ -664,8 +664,7 @@ def large_mfu(comp: Callable, tmp: Path, data_path: Path, steps: int, device: to
     flops = batching_flops(examples, data_lib.Collator(tokenizer.pad_token_id), mode, steps, model_cfg)
     # each precision the device runs natively, whatever `auto` picks at this size (on a GPU it
     # keeps fp32 below precision.BF16_CUDA_MIN_PARAMS; the bf16 row shows what that gives up)
-    native_bf16 = torch.cuda.is_bf16_supported() if device.type == "cuda" else cpu_supports_bf16()
-    for tag in ("fp32", "bf16") if native_bf16 else ("fp32",):
+    for tag in ("fp32", "bf16") if native_bf16(device) else ("fp32",):
         extra = (f"train.precision={tag}",)
         run = run_ours(comp, model_dir, data_path, steps, results, f"large_{tag}", *extra, cache=cache)
         gflops = flops / run.seconds / 1e9

@@ -25,19 +25,21 @@ import random
 import statistics
 import sys
 import tempfile
-import time
 import warnings
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "benchmarks"))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 warnings.filterwarnings("ignore")
 
 import torch  # noqa: E402
+from bench_trial import flops_per_batch, matmul_ceiling  # noqa: E402
 from hydra import compose, initialize_config_dir  # noqa: E402
 from omegaconf import OmegaConf  # noqa: E402
+from transformers import AutoConfig  # noqa: E402
 
 from lora_sweep.cache import TrialCache  # noqa: E402
 from lora_sweep.cli import config_dir  # noqa: E402
@@ -62,38 +64,6 @@ def long_records(n: int, words: int, seed: int = 0) -> list[dict[str, str]]:
         }
         for i in range(n)
     ]
-
-
-def bf16_peak_tflops(device: torch.device, n: int = 8192, reps: int = 10) -> float:
-    """TFLOP/s of an n x n x n bf16 matmul (mean of `reps` after 3 warm-ups): the device's
-    attainable dense bf16 peak, the denominator of MFU."""
-    a = torch.randn(n, n, device=device, dtype=torch.bfloat16)
-    b = torch.randn(n, n, device=device, dtype=torch.bfloat16)
-    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda _device: None)
-    for _ in range(3):
-        a @ b
-    sync(device)
-    start = time.perf_counter()
-    for _ in range(reps):
-        a @ b
-    sync(device)
-    return 2 * n**3 * reps / (time.perf_counter() - start) / 1e12
-
-
-def train_flops_per_token(model_dir: Path, seq: int) -> float:
-    """Matmul FLOPs of one trained token with frozen base weights: forward 2N and the input
-    gradients 2N (no weight gradients but LoRA's, negligible); attention scores and values
-    4 * layers * seq/2 * hidden forward (causal: half the keys on average), twice that backward."""
-    cfg = json.loads((model_dir / "config.json").read_text())
-    h, inter, layers = cfg["hidden_size"], cfg["intermediate_size"], cfg["num_hidden_layers"]
-    head_dim = cfg.get("head_dim") or h // cfg["num_attention_heads"]
-    kv = cfg["num_key_value_heads"] * head_dim
-    per_layer = h * h * 2 + h * kv * 2 + 3 * h * inter  # q, o; k, v; gate, up, down
-    linear = layers * per_layer + h * cfg["vocab_size"]  # + the LM head
-    attention = 2 * 2 * layers * (seq / 2) * h  # QK^T and AV, forward
-    # linear: forward + input gradients (frozen weights); attention: forward + a backward of
-    # twice that (both of its operands are activations, both need gradients)
-    return 2 * (2 * linear) + 3 * attention
 
 
 def main() -> None:
@@ -216,10 +186,12 @@ def main() -> None:
     recovered = all(r["status"] != "failed" for r in same)  # those after the OOM trial included
 
     n = 8192 if gpu else 256
-    peak = bf16_peak_tflops(device, n=n, reps=10 if gpu else 2)
+    peak = matmul_ceiling([(n, n, n)], torch.bfloat16, device, seconds=1.0 if gpu else 0.2) / 1e3  # TFLOP/s
     tokens = sum(r["real_tokens"] for r in same[1:])  # trial 1 pays the warm-up
     seconds = sum(r["step_seconds"] for r in same[1:])
-    achieved = train_flops_per_token(args.model, args.max_length) * tokens / max(seconds, 1e-9) / 1e12
+    # bench_trial's count for a row of max_length tokens (packed rows: every row is that long)
+    per_token = flops_per_batch([args.max_length], AutoConfig.from_pretrained(args.model)) / args.max_length
+    achieved = per_token * tokens / max(seconds, 1e-9) / 1e12
     print(
         f"throughput: {tokens / max(seconds, 1e-9):.0f} real tok/s in the optimizer steps of the {len(same) - 1} "
         f"same-shape trials after the first ({same[1]['precision']}), "

@@ -47,6 +47,14 @@ def cpu_supports_bf16() -> bool:
         return False
 
 
+def native_bf16(device: torch.device) -> bool:
+    """Whether `device` runs bf16 matmuls natively: a CUDA GPU that supports bf16 (Ampere and
+    newer), a CPU with AVX-512 BF16 or AMX."""
+    if device.type == "cuda":
+        return bool(torch.cuda.is_bf16_supported())
+    return device.type == "cpu" and cpu_supports_bf16()
+
+
 def choose_precision(
     precision: str, *, device_type: str, cuda_bf16: bool = False, cpu_bf16: bool = False, n_params: int = 0
 ) -> str:
@@ -72,11 +80,12 @@ def resolve_precision(precision: str, device: torch.device, model: nn.Module) ->
     machine, so a sweep's trials are comparable."""
     if precision != "auto":
         return precision
+    bf16 = native_bf16(device)
     return choose_precision(
         precision,
         device_type=device.type,
-        cuda_bf16=device.type == "cuda" and bool(torch.cuda.is_bf16_supported()),
-        cpu_bf16=device.type == "cpu" and cpu_supports_bf16(),
+        cuda_bf16=bf16 and device.type == "cuda",
+        cpu_bf16=bf16 and device.type == "cpu",
         n_params=sum(p.numel() for p in model.parameters()),
     )
 
