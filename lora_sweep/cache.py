@@ -17,6 +17,7 @@ from __future__ import annotations
 import gc
 import logging
 from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -31,6 +32,7 @@ from lora_sweep.datafiles import check_data_file
 from lora_sweep.evaluate import EvalResult
 from lora_sweep.lora import restore_base_weights
 from lora_sweep.model import attn_implementation_for, load_model, load_tokenizer
+from lora_sweep.split import split_records
 
 if TYPE_CHECKING:
     from peft import PeftModel
@@ -82,6 +84,9 @@ class TrialCache:
         self._tokenizers: dict[tuple, Any] = {}
         self._records: dict[tuple, list[Any]] = {}
         self._examples: OrderedDict[tuple, list[data_lib.Example]] = OrderedDict()
+        self._splits: dict[tuple, tuple[list[Any], list[Any]]] = {}
+        self._attn: dict[tuple, str] = {}
+        self._eval_batches: OrderedDict[tuple, list[dict[str, torch.Tensor]]] = OrderedDict()
 
     @property
     def models(self) -> list[CachedModel]:
@@ -98,6 +103,31 @@ class TrialCache:
                 self._records.pop(next(iter(self._records)))
             self._records[key] = load_conversations(path) if chat else data_lib.load_records(path)
         return key, self._records[key]
+
+    def split(
+        self, records_key: tuple, records: list[Any], *, val_size: float | int, seed: int
+    ) -> tuple[list[Any], list[Any]]:
+        """(train, validation) of a file's records (`lora_sweep.split.split_records`), computed
+        once per file and setting: hashing every record costs ~2 ms a trial on the sanity data."""
+        key = (records_key, val_size, seed)
+        if key not in self._splits:
+            while len(self._splits) >= MAX_FILES:
+                self._splits.pop(next(iter(self._splits)))
+            self._splits[key] = split_records(records, val_size=val_size, seed=seed)
+        return self._splits[key]
+
+    def eval_batches(
+        self, key: tuple, build: Callable[[], list[dict[str, torch.Tensor]]]
+    ) -> list[dict[str, torch.Tensor]]:
+        """The held-out batches identified by `key` (the validation set as tokenized, and how it
+        is batched), built by `build` on a miss. Trials only read them."""
+        if key in self._eval_batches:
+            self._eval_batches.move_to_end(key)
+        else:
+            self._eval_batches[key] = build()
+            while len(self._eval_batches) > self.max_datasets:
+                self._eval_batches.popitem(last=False)
+        return self._eval_batches[key]
 
     def tokenizer(self, model_dir: Path, cfg: ModelConfig) -> tuple[Any, tuple]:
         """(tokenizer, key) of a checkpoint; raises `ModelError` when it cannot be used."""
@@ -149,8 +179,11 @@ class TrialCache:
         """(entry, hit): the base model for this checkpoint/dtype/attention/device, loaded on a
         miss, marked in use until `give_back`."""
         # by the implementation the model gets (`auto` resolved), so `auto` and its resolution share it
-        attn = attn_implementation_for(model_dir, cfg)
-        key = (fingerprint(model_dir), cfg.dtype, attn, cfg.trust_remote_code, str(device))
+        checkpoint = fingerprint(model_dir)
+        attn_key = (checkpoint, cfg.attn_implementation, cfg.trust_remote_code)
+        if attn_key not in self._attn:  # reads the checkpoint's config.json: once per checkpoint
+            self._attn[attn_key] = attn_implementation_for(model_dir, cfg)
+        key = (checkpoint, cfg.dtype, self._attn[attn_key], cfg.trust_remote_code, str(device))
         entry = self._models.get(key)
         if entry is not None and not entry.in_use:
             self._models.move_to_end(key)
@@ -212,4 +245,7 @@ class TrialCache:
         self._tokenizers.clear()
         self._records.clear()
         self._examples.clear()
+        self._splits.clear()
+        self._attn.clear()
+        self._eval_batches.clear()
         self.release()

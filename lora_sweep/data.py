@@ -8,6 +8,7 @@ otherwise be "predicted" from a pad).
 
 from __future__ import annotations
 
+import functools
 import logging
 import random
 from collections.abc import Iterator, Mapping, Sequence
@@ -376,8 +377,14 @@ def pack_shape(lengths: Sequence[int], *, batch_size: int) -> tuple[int, int]:
     simulated (on at most 4096 of the lengths) and the width scaled by batch_size over the
     examples per micro-batch it gave, a few times, by at most 2x in all (a data set smaller than
     one micro-batch cannot fill it at any width). Uncalibrated rows as long as the longest
-    example held 6.3-7 examples of 8 on the sanity samples and the seed tasks.
+    example held 6.3-7 examples of 8 on the sanity samples and the seed tasks. Cached: the
+    calibration costs ~5 ms on the sanity data, and a sweep's trials pack the same few data sets.
     """
+    return _pack_shape(tuple(lengths), batch_size)
+
+
+@functools.lru_cache(maxsize=64)
+def _pack_shape(lengths: tuple[int, ...], batch_size: int) -> tuple[int, int]:
     if not lengths:
         raise ValueError("no examples to pack")
     longest, mean = max(lengths), sum(lengths) / len(lengths)

@@ -1,7 +1,8 @@
 """``custom_search_space`` hooks for conditional parameters.
 
 A hook is ``fn(cfg, trial) -> dict of extra overrides``; it runs after the configured
-``params`` were suggested (they are in ``trial.params``) and may suggest more.
+``params`` were suggested (they are in ``trial.params``) and may suggest more. ``cfg`` is the
+app's composed config, read-only (one copy serves every trial).
 """
 
 from __future__ import annotations

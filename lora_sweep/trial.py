@@ -52,7 +52,6 @@ from lora_sweep.precision import allow_tf32, attends_per_sequence, resolve_preci
 from lora_sweep.results import COLUMN_DOCS, ResultsError, check_appendable, write_json, write_step_log
 from lora_sweep.samples import SAMPLES_FILENAME, SamplePrompts, prepare_samples, write_samples
 from lora_sweep.selfcheck import FirstStepCheck, SelfCheckError, model_level_details, run_self_check
-from lora_sweep.split import split_records
 from lora_sweep.sweep.objective import OOM_PREFIX, failure_reason, is_out_of_memory
 from lora_sweep.train import EVAL_LOG_COLUMNS, LoopResult, StepHook, train_loop
 
@@ -231,7 +230,7 @@ def split_data(cfg: RunConfig, cache: TrialCache) -> tuple[tuple, list[Any], tup
         val_key, val_records = cache.records(Path(cfg.data.val_path), chat=chat)
         return records_key, records, val_key, val_records
     size = cfg.data.val_size
-    train, val = split_records(records, val_size=int(size) if size >= 1 else size, seed=cfg.data.val_seed)
+    train, val = cache.split(records_key, records, val_size=int(size) if size >= 1 else size, seed=cfg.data.val_seed)
     split = ("split", size, cfg.data.val_seed)
     return (*records_key, "train", *split), train, (*records_key, "val", *split), val
 
@@ -356,6 +355,9 @@ def prepare(cfg: RunConfig, cache: TrialCache) -> Prepared:
             length_key="data.eval_max_length",
             model=model_label(cfg),
         )
+        eval_key = examples_key(val_key, tok_key, cfg.data, eval_length)
+        tokens_per_batch = EVAL_TOKENS_PER_BATCH.get(device.type, EVAL_TOKENS_PER_BATCH["cuda"])
+        packed_eval = attends_per_sequence(entry.model, device)
         loader = data_lib.make_dataloader(
             dataset,
             collator,
@@ -373,13 +375,13 @@ def prepare(cfg: RunConfig, cache: TrialCache) -> Prepared:
             adapted_modules=adapted_modules(model),
             device=device,
             cached=entry,
-            eval_batches=eval_batches(
-                val_examples,
-                tokenizer.pad_token_id,
-                tokens_per_batch=EVAL_TOKENS_PER_BATCH.get(device.type, EVAL_TOKENS_PER_BATCH["cuda"]),
-                packed=attends_per_sequence(entry.model, device),
+            eval_batches=cache.eval_batches(
+                (eval_key, tokens_per_batch, packed_eval),
+                lambda: eval_batches(
+                    val_examples, tokenizer.pad_token_id, tokens_per_batch=tokens_per_batch, packed=packed_eval
+                ),
             ),
-            eval_key=examples_key(val_key, tok_key, cfg.data, eval_length),
+            eval_key=eval_key,
             probe_assistant=probe_assistant,
             restore=restore,
             initial_adapter=initial_adapter_state(model, cfg.lora),

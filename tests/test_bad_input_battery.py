@@ -210,6 +210,8 @@ BATTERY = [
         "ran lora.r as choice(4, 8, 16, 32), but this sweep asks for choice(2, 3); resume with the same choices",
     ),
     ("unknown-objective", ["hydra.sweeper.objective=bogus"], "'bogus' is not an objective this app reports; valid:"),
+    # on a resumed study: refused before the study is opened, so no enqueue message before it
+    ("bad-n-jobs", ["hydra.sweeper.n_jobs=0"], "hydra.sweeper.n_jobs=0: give a positive number of workers or 'auto'"),
 ]
 
 

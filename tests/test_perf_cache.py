@@ -76,6 +76,34 @@ def test_cached_trials_equal_cold_trials(compose_cfg, tiny_ckpt: Path, tmp_path:
     assert run_trial(a, tmp_path / "a_fresh").metrics == cold.metrics  # no cache given: a cold start
 
 
+def test_split_eval_batches_and_packing_are_reused_until_the_file_changes(
+    compose_cfg, tiny_ckpt: Path, tmp_path: Path
+) -> None:
+    from lora_sweep.embedded import SANITY_SAMPLES_PATH
+    from lora_sweep.trial import prepared_trial
+
+    records = json.loads(SANITY_SAMPLES_PATH.read_text())
+    data = tmp_path / "data.json"
+    data.write_text(json.dumps(records[:120]))
+    cfg = _cfg(compose_cfg, tiny_ckpt, tmp_path, "data=alpaca", f"data.path={data}", "data.template=plain")
+    cache = TrialCache()
+
+    def held_out_and_shape() -> tuple[list, int, tuple]:
+        with prepared_trial(cfg, cache) as prepared:
+            sampler = prepared.loader.batch_sampler
+            labels = sum(int((b["labels"] != -100).sum()) for b in prepared.eval_batches)
+            return prepared.eval_batches, labels, (sampler.rows, sampler.width)
+
+    first, labels, shape = held_out_and_shape()
+    again, labels_again, shape_again = held_out_and_shape()
+    assert again is first and (labels_again, shape_again) == (labels, shape)  # built once, read by both
+    data.write_text(json.dumps(records[:60]))  # the file changes: its split, batches and packing too
+    changed, labels_changed, _ = held_out_and_shape()
+    assert changed is not first and labels_changed < labels
+    cache.clear()
+    assert held_out_and_shape()[0] is not changed
+
+
 @pytest.mark.slow
 def test_cached_trial_equals_a_fresh_process(compose_cfg, tiny_ckpt: Path, tmp_path: Path) -> None:
     overrides = ["model=local", f"model.path={tiny_ckpt}", f"results_dir={tmp_path}", *TINY]
