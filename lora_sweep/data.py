@@ -8,9 +8,10 @@ otherwise be "predicted" from a pad).
 
 from __future__ import annotations
 
-import functools
+import hashlib
 import logging
 import random
+from array import array
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -377,16 +378,24 @@ def pack_shape(lengths: Sequence[int], *, batch_size: int) -> tuple[int, int]:
     simulated (on at most 4096 of the lengths) and the width scaled by batch_size over the
     examples per micro-batch it gave, a few times, by at most 2x in all (a data set smaller than
     one micro-batch cannot fill it at any width). Uncalibrated rows as long as the longest
-    example held 6.3-7 examples of 8 on the sanity samples and the seed tasks. Cached: the
-    calibration costs ~5 ms on the sanity data, and a sweep's trials pack the same few data sets.
+    example held 6.3-7 examples of 8 on the sanity samples and the seed tasks. Cached by a
+    digest of the lengths: the calibration costs ~5 ms on the sanity data, and a sweep's trials
+    pack the same few data sets.
     """
-    return _pack_shape(tuple(lengths), batch_size)
-
-
-@functools.lru_cache(maxsize=64)
-def _pack_shape(lengths: tuple[int, ...], batch_size: int) -> tuple[int, int]:
     if not lengths:
         raise ValueError("no examples to pack")
+    key = (hashlib.blake2b(array("q", lengths).tobytes(), digest_size=16).digest(), batch_size)
+    if key not in _PACK_SHAPES:
+        while len(_PACK_SHAPES) >= 64:
+            _PACK_SHAPES.pop(next(iter(_PACK_SHAPES)))
+        _PACK_SHAPES[key] = _calibrated_pack_shape(lengths, batch_size)
+    return _PACK_SHAPES[key]
+
+
+_PACK_SHAPES: dict[tuple[bytes, int], tuple[int, int]] = {}  # `pack_shape`'s, by (digest, batch size)
+
+
+def _calibrated_pack_shape(lengths: Sequence[int], batch_size: int) -> tuple[int, int]:
     longest, mean = max(lengths), sum(lengths) / len(lengths)
     budget = max(longest, round(batch_size * mean))
     rows = -(-budget // max(longest, PACKED_ROW_TOKENS))

@@ -432,6 +432,22 @@ def test_pack_shape_uses_the_fewest_rows_that_hold_the_longest_example(lengths: 
     assert rows == max(1, -(-round(target) // max(longest, data_lib.PACKED_ROW_TOKENS)))
 
 
+def test_pack_shape_is_cached_per_lengths_and_batch_size() -> None:
+    """The cached shape is the one computed for exactly these lengths and batch size: data sets
+    that differ in one length, or the same data at another batch size, get their own."""
+    a, b = _lengths(300, seed=3), _lengths(300, seed=3)
+    b[0] += 200  # one example longer: a wider row
+    fresh = {
+        (tag, bs): data_lib._calibrated_pack_shape(lengths, bs)
+        for tag, lengths in (("a", a), ("b", b))
+        for bs in (4, 8)
+    }
+    assert len(set(fresh.values())) > 1
+    for _ in range(2):  # computed, then from the cache
+        for (tag, bs), shape in fresh.items():
+            assert data_lib.pack_shape(a if tag == "a" else b, batch_size=bs) == shape
+
+
 @pytest.mark.parametrize(("n", "batch_size"), [(400, 8), (400, 32), (400, 3), (6000, 8), (120, 8)])
 def test_a_packed_step_holds_batch_size_examples_on_average(n: int, batch_size: int) -> None:
     """Over three epochs under another seed than pack_shape's own, the micro-batches average
