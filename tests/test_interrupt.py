@@ -40,6 +40,13 @@ def _env() -> dict[str, str]:
     return dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1")
 
 
+def _terminal_sigint() -> None:
+    """In the child before exec: Ctrl-C's default disposition, as in a terminal. A test run
+    started in the background by a shell without job control (`make test &`, `nohup`) ignores
+    SIGINT, and an ignored SIGINT is inherited through exec: the sweep would rightly ignore it."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def _load(results: Path) -> optuna.Study:
     storage = study_mod.open_storage(str(results / study_mod.JOURNAL_NAME))
     return optuna.load_study(study_name="lora_sweep", storage=storage)
@@ -74,6 +81,7 @@ def test_ctrl_c_requeues_the_running_trial_without_penalty(tmp_path: Path, n_job
         stderr=subprocess.PIPE,
         text=True,
         start_new_session=True,
+        preexec_fn=_terminal_sigint,
     )
     _wait_until_training(results, proc, n_running=n_jobs)
     os.killpg(proc.pid, signal.SIGINT)
@@ -122,7 +130,9 @@ def test_second_ctrl_c_exits_at_once() -> None:
         "from lora_sweep.sweep.runner import exit_on_next_sigint as e; e(); print('ready', flush=True); "
         "import time; time.sleep(60)"
     )
-    proc = subprocess.Popen([sys.executable, "-c", code], cwd=REPO, stdout=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        [sys.executable, "-c", code], cwd=REPO, stdout=subprocess.PIPE, text=True, preexec_fn=_terminal_sigint
+    )
     assert proc.stdout is not None and proc.stdout.readline().strip() == "ready"
     start = time.monotonic()
     proc.send_signal(signal.SIGINT)

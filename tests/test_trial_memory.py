@@ -120,7 +120,7 @@ def test_every_trial_ends_through_end_trial_and_leaves_a_clean_base_model(
     def failing_prepare(*args: object, **kwargs: object) -> None:  # after the adapter: the trial raises
         raise RuntimeError("no batches")
 
-    monkeypatch.setattr("lora_sweep.trial.eval_batches", failing_prepare)
+    monkeypatch.setattr("lora_sweep.data.make_dataloader", failing_prepare)
     with pytest.raises(RuntimeError, match="no batches"):
         run_trial(cfg, tmp_path / "raised", cache=cache)
     assert calls[4:] == ["empty_cache", "end_trial"]
