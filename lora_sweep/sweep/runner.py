@@ -787,15 +787,12 @@ class SweepRunner:
         visible: list[str] = []
         if self.is_basic:  # workers, their GPUs and threads; no more workers than trials left to run
             visible = visible_gpus() if leader else []  # a spawned worker sees its one GPU and spawns none
-            try:
-                placement = plan_placement(
-                    _setting(self.settings, "n_jobs", 1),
-                    gpus=len(visible),
-                    cores=_cpu_count(),
-                    max_workers=max(1, target - p.finished),
-                )
-            except ValueError as exc:
-                raise SweepError(str(exc)) from exc
+            placement = plan_placement(  # n_jobs was checked before the study was opened
+                _setting(self.settings, "n_jobs", 1),
+                gpus=len(visible),
+                cores=_cpu_count(),
+                max_workers=max(1, target - p.finished),
+            )
             n_jobs, threads = placement.n_workers, placement.threads
         else:
             n_jobs = resolve_n_jobs(_setting(self.settings, "n_jobs", 1), is_basic=False)
