@@ -16,8 +16,12 @@ and v_proj) for every variant.
 Batching: `ours` is the trial exactly as the CLI's defaults batch it (`data.packing`,
 `data.group_by_length` as conf/data sets them); each other batching is a row of its own
 (`ours_uniform`, `ours_grouped`, `ours_packed`: opt-in techniques), all compared on real
-(non-padding) tokens per second. A last section runs the default trial on a ~52M-parameter
-Llama, where matmuls dominate, for MFU against the fp32 and bf16 ceilings of its shapes.
+(non-padding) tokens per second of training. The same work on both sides: the default trial
+also measures its held-out loss (every `train.eval_every` steps and after the last), which no
+baseline does, so its throughput is taken on the loop's time less those evaluations; a line
+prints it with them counted, and the sweep's overhead counts them. A last section runs the
+default trial on a ~52M-parameter Llama, where matmuls dominate, for MFU against the fp32 and
+bf16 ceilings of its shapes.
 
 Data (`--data PATH`, see `benchmark_records`; the data used is printed): an Alpaca-format file,
 by default `$LORA_SWEEP_SEED_TASKS` when it is set (Stanford Alpaca's 175 seed tasks, what
@@ -329,13 +333,21 @@ class Run:
         peak_mb: float,
         flops: float,
         precision: str,
+        eval_seconds: float = 0.0,
     ) -> None:
         self.name, self.real_tokens, self.seconds, self.losses = name, real_tokens, seconds, losses
         self.peak_mb, self.flops, self.precision = peak_mb, flops, precision
+        self.eval_seconds = eval_seconds  # held-out evaluations inside the run, not part of `seconds`
 
     @property
     def tps(self) -> float:
+        """Real tokens per second of training (the baselines evaluate nothing)."""
         return self.real_tokens / self.seconds
+
+    @property
+    def tps_with_evals(self) -> float:
+        """Real tokens per second with the run's held-out evaluations counted as well."""
+        return self.real_tokens / (self.seconds + self.eval_seconds)
 
 
 def run_ours(
@@ -349,7 +361,11 @@ def run_ours(
     cache: TrialCache,
 ) -> Run:
     """Our trial exactly as the CLI runs it: the composed Hydra config through `run_trial`, with
-    the process's one `cache` (warm after the first call, as in a sweep worker)."""
+    the process's one `cache` (warm after the first call, as in a sweep worker).
+
+    Its seconds are the training loop's (hooks, reports and logging included) less its held-out
+    evaluations, which no baseline does; they are kept apart (`Run.eval_seconds`) and counted
+    in the sweep's overhead."""
     from omegaconf import OmegaConf
 
     from lora_sweep.trial import run_trial
@@ -378,7 +394,16 @@ def run_ours(
         result = run_trial(run_cfg, results / "runs" / tag, cache=cache)
     steps_csv = (results / "runs" / tag / "steps.csv").read_text().splitlines()[1:]
     losses = [float(line.split(",")[1]) for line in steps_csv]
-    return Run("ours", result.real_tokens, result.train_seconds, losses, mem.peak_mb, 0.0, result.precision)
+    return Run(
+        "ours",
+        result.real_tokens,
+        result.train_seconds - result.eval_seconds,
+        losses,
+        mem.peak_mb,
+        0.0,
+        result.precision,
+        eval_seconds=result.eval_seconds,
+    )
 
 
 def naive_batches(model_dir: Path, texts: list[str], seed: int) -> Iterator[dict[str, torch.Tensor]]:
@@ -861,6 +886,13 @@ def main() -> None:
             f"{mfu:>6.1%} {statistics.median(x.peak_mb for x in rs):>8.0f} {r.losses[0]:>9.4f} {last5:>10.4f}"
         )
     print("(naive's loss includes pad positions: labels = input_ids.clone(); the others' are real-token losses)")
+    with_evals = statistics.median(r.tps_with_evals for r in runs["ours"])
+    print(
+        f"ours with its held-out evaluations counted as well "
+        f"({statistics.median(r.eval_seconds for r in runs['ours']):.3f} s of each trial; no baseline evaluates): "
+        f"{with_evals:.0f} real tok/s = {with_evals / med['trainer']:.2f}x trainer, "
+        f"{with_evals / med['trainer_tuned']:.2f}x trainer_tuned, {with_evals / med['naive']:.2f}x naive"
+    )
 
     print("\nloss agreement, our loop vs Trainer on identical batches (fp32, constant lr, same LoRA init):")
     diff = loss_agreement(model_dir, examples, collator, min(args.steps, 8), device, model_cfg, tmp / "hf")
